@@ -1,0 +1,81 @@
+"""The Litestar app factory: ``create_app(kernel)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Router, get
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
+
+from kernel import __version__
+from kernel.api.downloads import DownloadsController
+from kernel.api.edge import Edge
+from kernel.api.errors import handle_error
+from kernel.api.schemas import Health
+from kernel.core import Kernel
+from kernel.downloads import DownloadManager
+
+__all__ = ["App", "create_app"]
+
+
+@get("/health", summary="Liveness", tags=["health"])
+async def health() -> Health:
+    return Health(status="ok", version=__version__)
+
+
+class App(Litestar):
+    """Litestar with the edge (CORS, OPTIONS, API keys) in front of routing."""
+
+    edge: Edge
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.edge(super().__call__, scope, receive, send)
+
+
+def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
+    """The app over ``kernel``. With ``manage_kernel`` the app's lifespan starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        if manage_kernel:
+            await kernel.start()
+        try:
+            yield
+        finally:
+            if manage_kernel:
+                await kernel.stop()
+
+    def provide_downloads() -> DownloadManager:
+        return kernel.downloads
+
+    def provide_kernel() -> Kernel:
+        return kernel
+
+    api = [DownloadsController]
+    app = App(
+        route_handlers=[
+            Router(path="/v1", route_handlers=api),
+            Router(path="/", route_handlers=api),
+            health,
+            *kernel.plugins.routes(),
+        ],
+        dependencies={
+            "downloads": Provide(provide_downloads, sync_to_thread=False),
+            "kernel": Provide(provide_kernel, sync_to_thread=False),
+        },
+        exception_handlers={Exception: handle_error},
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(
+            title="modelkernel",
+            version=__version__,
+            path="/schema",
+            render_plugins=[RedocRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        ),
+        logging_config=None,
+    )
+    app.edge = Edge(kernel.settings)
+    return app

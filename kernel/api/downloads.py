@@ -1,0 +1,178 @@
+"""The downloads resource: Kolosal's Downloads API (Part 1) and our create (Part 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Response, delete, get, post
+from litestar.params import Parameter
+
+from kernel.api.schemas import (
+    ActionResult,
+    BulkCancelResult,
+    BulkSummary,
+    CancelledDownload,
+    CancelResult,
+    CreateDownload,
+    Download,
+    DownloadList,
+    EngineCreation,
+    FailedCancellation,
+    ListSummary,
+)
+from kernel.downloads import DownloadManager, validate_model_id
+from kernel.errors import InvalidRequest
+from kernel.transfer import now_ms
+from kernel.types import ACTIVE, TERMINAL, DownloadRecord
+
+__all__ = ["DownloadsController"]
+
+ALL_STATUSES = ACTIVE | TERMINAL
+
+
+def _path_id(model_id: str) -> str:
+    validate_model_id(model_id, param="path", code="invalid_path_format")
+    return model_id
+
+
+def _statuses(value: str | None) -> frozenset[str] | None:
+    if value is None or value == "":
+        return None
+    if value == "all":
+        return ALL_STATUSES
+    wanted = frozenset(s.strip() for s in value.split(","))
+    unknown = wanted - ALL_STATUSES
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown status {sorted(unknown)[0]!r}; use 'all' or a comma list of "
+            f"{', '.join(sorted(ALL_STATUSES))}.",
+            param="status",
+        )
+    return wanted
+
+
+def _view(downloads: DownloadManager, rec: DownloadRecord, *, detail: bool, now: int) -> Download:
+    position = downloads.queue_position(rec.model_id) if rec.status == "queued" else None
+    return Download.from_record(rec, detail=detail, queue_position=position, now=now)
+
+
+def _cancel_all(downloads_result: Any) -> BulkCancelResult:
+    cancelled, failed = downloads_result
+    now = now_ms()
+    rows = [
+        CancelledDownload(
+            model_id=rec.model_id,
+            previous_status=previous,
+            download_type=rec.download_type,
+            cancelled_at=rec.end_time or now,
+            engine_creation=EngineCreation.from_record(rec, detail=False),
+        )
+        for rec, previous in cancelled
+    ]
+    startup = sum(1 for rec, _ in cancelled if rec.download_type == "startup")
+    return BulkCancelResult(
+        success=True,
+        message="Bulk download cancellation completed",
+        summary=BulkSummary(
+            total_downloads=len(cancelled) + len(failed),
+            successful_cancellations=len(cancelled),
+            failed_cancellations=len(failed),
+            startup_cancellations=startup,
+            regular_cancellations=len(cancelled) - startup,
+        ),
+        cancelled_downloads=rows,
+        failed_cancellations=[FailedCancellation(model_id=m, status=s, reason=r) for m, s, r in failed],
+        timestamp=now,
+    )
+
+
+class DownloadsController(Controller):
+    path = "/downloads"
+    tags = ["downloads"]
+
+    @get("/", summary="List downloads (active ones unless ?status= widens the list)")
+    async def list_downloads(
+        self,
+        downloads: DownloadManager,
+        status: str | None = Parameter(query="status", required=False, default=None),
+    ) -> DownloadList:
+        records = downloads.list(_statuses(status))
+        now = now_ms()
+        active = [r for r in records if r.status not in TERMINAL]
+        return DownloadList(
+            active_downloads=[_view(downloads, r, detail=False, now=now) for r in records],
+            summary=ListSummary(
+                total_active=len(active),
+                startup_downloads=sum(r.download_type == "startup" for r in active),
+                regular_downloads=sum(r.download_type == "regular" for r in active),
+                embedding_model_downloads=sum(r.model_type == "embedding" for r in active),
+                llm_model_downloads=sum(r.model_type == "llm" for r in active),
+            ),
+            timestamp=now,
+        )
+
+    @post("/", status_code=202, summary="Start a download, or cancel all with {\"action\": \"cancel_all\"}")
+    async def create(
+        self, data: dict[str, Any], downloads: DownloadManager
+    ) -> Response[Download | BulkCancelResult]:
+        if "action" in data:
+            if data["action"] != "cancel_all" or len(data) != 1:
+                raise InvalidRequest("The only action is \"cancel_all\".", param="action")
+            return Response(_cancel_all(await downloads.cancel_all()), status_code=200)
+        body = msgspec.convert(data, CreateDownload)
+        rec = await downloads.create(
+            model_id=body.model_id,
+            url=body.url,
+            model_type=body.model_type,
+            sha256=body.sha256,
+            filename=body.filename,
+            priority=body.priority,
+            max_bytes_per_second=body.max_bytes_per_second,
+            engine=body.engine_creation.to_spec() if body.engine_creation else None,
+        )
+        return Response(_view(downloads, rec, detail=True, now=now_ms()), status_code=202)
+
+    @delete("/", status_code=200, summary="Cancel all downloads")
+    async def cancel_all(self, downloads: DownloadManager) -> BulkCancelResult:
+        return _cancel_all(await downloads.cancel_all())
+
+    @post("/cancel", status_code=200, summary="Cancel all downloads")
+    async def cancel_all_post(self, downloads: DownloadManager) -> BulkCancelResult:
+        return _cancel_all(await downloads.cancel_all())
+
+    @get("/{model_id:str}", summary="One download in detail")
+    async def detail(self, model_id: str, downloads: DownloadManager) -> Download:
+        rec = downloads.get(_path_id(model_id))
+        return _view(downloads, rec, detail=True, now=now_ms())
+
+    @delete("/{model_id:str}", status_code=200, summary="Cancel one download")
+    async def cancel(self, model_id: str, downloads: DownloadManager) -> CancelResult:
+        return await self._cancel(model_id, downloads)
+
+    @post("/{model_id:str}/cancel", status_code=200, summary="Cancel one download")
+    async def cancel_post(self, model_id: str, downloads: DownloadManager) -> CancelResult:
+        return await self._cancel(model_id, downloads)
+
+    @post("/{model_id:str}/pause", status_code=200, summary="Pause a download")
+    async def pause(self, model_id: str, downloads: DownloadManager) -> ActionResult:
+        await downloads.pause(_path_id(model_id))
+        return ActionResult(success=True, message="Download paused successfully", model_id=model_id)
+
+    @post("/{model_id:str}/resume", status_code=200, summary="Resume a paused download")
+    async def resume(self, model_id: str, downloads: DownloadManager) -> ActionResult:
+        await downloads.resume(_path_id(model_id))
+        return ActionResult(success=True, message="Download resumed successfully", model_id=model_id)
+
+    @staticmethod
+    async def _cancel(model_id: str, downloads: DownloadManager) -> CancelResult:
+        rec, previous = await downloads.cancel(_path_id(model_id))
+        return CancelResult(
+            success=True,
+            message="Download cancelled successfully",
+            model_id=rec.model_id,
+            previous_status=previous,
+            download_type=rec.download_type,
+            timestamp=now_ms(),
+            engine_creation=EngineCreation.from_record(rec, detail=False),
+        )

@@ -1,0 +1,97 @@
+"""The edge of the app, before routing: CORS on every response, OPTIONS, and API keys.
+
+It wraps the whole ASGI app (not only matched routes), so router 404s, 405s and errors carry
+the CORS headers too, and an OPTIONS preflight on any path answers 204 without auth.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import msgspec
+
+from kernel.config import Settings
+
+__all__ = ["EXEMPT_PATHS", "Edge"]
+
+EXEMPT_PATHS = frozenset({"/health"})
+ALLOW_METHODS = b"GET, POST, DELETE, PATCH, OPTIONS"
+ALLOW_HEADERS = b"Content-Type, Authorization, X-API-Key, Last-Event-ID"
+
+Scope = dict[str, Any]
+
+
+class Edge:
+    def __init__(self, settings: Settings) -> None:
+        self.origins = settings.cors.allowed_origins
+        self.require_key = settings.auth.require_api_key
+        self.keys = [k.encode() for k in settings.auth.api_keys]
+
+    def cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        if "*" in self.origins:
+            origin = b"*"
+        else:
+            sent = _header(scope, b"origin")
+            if sent is None or sent.decode("latin-1") not in self.origins:
+                return [(b"vary", b"Origin")]
+            origin = sent
+        return [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-methods", ALLOW_METHODS),
+            (b"access-control-allow-headers", ALLOW_HEADERS),
+            (b"access-control-max-age", b"600"),
+        ]
+
+    def authorized(self, scope: Scope) -> bool:
+        if not self.require_key or scope["path"] in EXEMPT_PATHS:
+            return True
+        key = _header(scope, b"x-api-key")
+        if key is None:
+            auth = _header(scope, b"authorization") or b""
+            scheme, _, token = auth.partition(b" ")
+            key = token.strip() if scheme.lower() == b"bearer" else None
+        if not key:
+            return False
+        # Compare against every key so timing does not reveal which one (or how much) matched.
+        matched = False
+        for candidate in self.keys:
+            matched |= hmac.compare_digest(key, candidate)
+        return matched
+
+    async def __call__(self, app: Any, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        cors = self.cors_headers(scope)
+        if scope["method"] == "OPTIONS":
+            await _send(send, 204, b"", cors)
+            return
+        if not self.authorized(scope):
+            body = msgspec.json.encode({"error": {
+                "message": "Invalid or missing API key: send X-API-Key or Authorization: Bearer.",
+                "type": "authentication_error", "param": None, "code": "invalid_api_key",
+            }})
+            await _send(send, 401, body, [*cors, (b"content-type", b"application/json"),
+                                          (b"www-authenticate", b"Bearer")])
+            return
+
+        async def send_with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *cors]
+            await send(message)
+
+        await app(scope, receive, send_with_cors)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,171 @@
+"""Settings: a YAML or TOML file decoded into msgspec Structs, then env and CLI overrides.
+
+Every key has a default, so no file at all is valid. Unknown keys are an error naming the key.
+``MODELKERNEL_SECTION__KEY=value`` overrides one key (``MODELKERNEL_DOWNLOADS__RETRY__ATTEMPTS=3``);
+the value is parsed as YAML, so numbers and booleans keep their type.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from kernel.errors import KernelError
+
+__all__ = [
+    "AuthSettings",
+    "ConfigError",
+    "CorsSettings",
+    "DownloadSettings",
+    "HubSettings",
+    "ModelEntry",
+    "PluginSettings",
+    "RetrySettings",
+    "ServerSettings",
+    "Settings",
+    "SourcesSettings",
+    "StorageSettings",
+    "load_settings",
+]
+
+ENV_PREFIX = "MODELKERNEL_"
+
+
+class ConfigError(KernelError):
+    """The configuration file or an override is invalid; the message names the key."""
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+class StorageSettings(_Section):
+    models_dir: str = "./models"
+    state_dir: str = "./.modelkernel"
+
+
+class RetrySettings(_Section):
+    attempts: int = 5
+    backoff_seconds: float = 1.0
+
+
+class DownloadSettings(_Section):
+    max_concurrent: int = 4
+    max_bytes_per_second: int = 0
+    stall_timeout_s: float = 30.0
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    retention_days: int = 0
+
+
+class AuthSettings(_Section):
+    require_api_key: bool = False
+    api_keys: list[str] = msgspec.field(default_factory=list)
+
+
+class CorsSettings(_Section):
+    allowed_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+
+
+class HubSettings(_Section):
+    endpoint: str | None = None  # None: HF_ENDPOINT, else https://huggingface.co
+    token: str | None = None  # None: HF_TOKEN, else the huggingface_hub token file
+
+
+class SourcesSettings(_Section):
+    huggingface: HubSettings = msgspec.field(default_factory=HubSettings)
+
+
+class PluginSettings(_Section):
+    disable: list[str] = msgspec.field(default_factory=list)
+
+
+class ModelEntry(_Section):
+    """One entry of Kolosal's ``models:`` list."""
+
+    id: str
+    path: str
+    type: str = "llm"
+    load_immediately: bool = True
+    main_gpu_id: int = 0
+    inference_engine: str = "llama-cpp"
+    load_params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Settings(_Section):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    downloads: DownloadSettings = msgspec.field(default_factory=DownloadSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
+    sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
+    plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
+    models: list[ModelEntry] = msgspec.field(default_factory=list)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {path}: {exc.strerror}.") from exc
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Config file {path} is not valid: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
+    return data
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"Environment variable {name} overrides a non-section key.")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw) if raw else raw
+
+
+def settings_from_dict(data: Mapping[str, Any]) -> Settings:
+    try:
+        return msgspec.convert(dict(data), Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"Invalid configuration: {exc}") from exc
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load settings from ``path`` (YAML or TOML), then env vars, then ``overrides``
+    (dotted keys such as ``"server.port"``, used by CLI flags)."""
+    data = _read_file(Path(path)) if path is not None else {}
+    _apply_env(data, os.environ if environ is None else environ)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return settings_from_dict(data)

@@ -1,0 +1,447 @@
+"""DownloadManager: the state machine, the queue, and pause / resume / cancel.
+
+One event loop owns every record. Transitions happen synchronously in the loop (so two API
+calls can never interleave inside one), each one is saved to the store and published on the
+bus. Actions on one model id are serialised by a per-id lock; pause and cancel return only
+once the transfer task has stopped.
+
+    queued -> downloading -> (creating_engine) -> completed
+    any non-terminal -> cancelled;  downloading / creating_engine -> failed
+    downloading <-> paused (resume goes through queued when no slot is free)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import time
+import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+
+from kernel.config import Settings
+from kernel.errors import (
+    DownloadExists,
+    DownloadNotFound,
+    InvalidRequest,
+    InvalidState,
+    KernelError,
+)
+from kernel.events import EventBus
+from kernel.transfer import Transfer, now_ms
+from kernel.types import (
+    TERMINAL,
+    DownloadCreated,
+    DownloadProgress,
+    DownloadRecord,
+    DownloadStatus,
+    DownloadStore,
+    EngineCreated,
+    EngineSpec,
+    ModelType,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from kernel.engines import EngineRegistry
+    from kernel.plugins import Plugins
+
+__all__ = ["TRANSITIONS", "DownloadManager", "check_transition", "validate_model_id"]
+
+log = structlog.get_logger()
+
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+PROGRESS_INTERVAL_S = 0.25  # at most 4 progress events a second per download
+CHECKPOINT_INTERVAL_S = 1.0  # progress saved to the store at least this often
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"downloading", "paused", "cancelled", "failed"}),
+    "downloading": frozenset(
+        {"queued", "paused", "creating_engine", "completed", "failed", "cancelled"}
+    ),
+    "paused": frozenset({"queued", "downloading", "cancelled"}),
+    "creating_engine": frozenset({"completed", "failed", "cancelled"}),
+    "completed": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+
+def check_transition(old: str, new: str) -> None:
+    if new not in TRANSITIONS[old]:
+        raise RuntimeError(f"Illegal download transition {old} -> {new}.")
+
+
+def validate_model_id(model_id: str, *, param: str = "model_id", code: str | None = None) -> None:
+    if not MODEL_ID.match(model_id):
+        raise InvalidRequest(
+            f"Invalid model ID {model_id[:140]!r}: use 1-128 letters, digits and . _ : @ + - "
+            "starting with a letter or digit.",
+            param=param,
+            code=code,
+        )
+
+
+def validate_filename(name: str, *, param: str = "filename") -> str:
+    """A single path component that cannot escape its directory: rejected, never rewritten."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or len(name.encode()) > 255
+        or any(unicodedata.category(c)[0] == "C" for c in name)
+    ):
+        raise InvalidRequest(f"Invalid file name {name[:300]!r}.", param=param)
+    return name
+
+
+class DownloadManager:
+    def __init__(
+        self,
+        settings: Settings,
+        plugins: Plugins,
+        store: DownloadStore,
+        bus: EventBus,
+        engines: EngineRegistry,
+    ) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.store = store
+        self.bus = bus
+        self.engines = engines
+        self.models_dir = Path(settings.storage.models_dir).resolve()
+        self.records: dict[str, DownloadRecord] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._phase: dict[str, str] = {}  # model id -> "transfer" | "finalizing" | "engine"
+        self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock
+        )
+        self._saves: set[asyncio.Task[None]] = set()
+        self._last_progress: dict[str, float] = {}
+        self._last_checkpoint: dict[str, float] = {}
+        self._seq = 0
+        self._stopping = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for rec in sorted(await self.store.load_all(), key=lambda r: r.seq):
+            self.records[rec.model_id] = rec
+            self._seq = max(self._seq, rec.seq)
+        for rec in self.records.values():
+            if rec.status == "downloading":
+                rec.status = "queued"  # resumes from its .part file when a slot frees
+            elif rec.status == "creating_engine":
+                self._start_engine_task(rec)
+        self._schedule()
+
+    async def stop(self) -> None:
+        """Stop every task; records keep their status so the next start resumes them."""
+        self._stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for rec in self.records.values():
+            if rec.status not in TERMINAL:
+                self._persist(rec)
+        await self.flush()
+
+    async def flush(self) -> None:
+        while self._saves:
+            await asyncio.wait(list(self._saves))
+
+    # --- queries -------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> DownloadRecord:
+        try:
+            return self.records[model_id]
+        except KeyError:
+            raise DownloadNotFound(model_id) from None
+
+    def list(self, statuses: frozenset[str] | None = None) -> list[DownloadRecord]:
+        records = sorted(self.records.values(), key=lambda r: r.seq)
+        if statuses is None:
+            return [r for r in records if r.status not in TERMINAL]
+        return [r for r in records if r.status in statuses]
+
+    def queue(self) -> list[DownloadRecord]:
+        """Queued downloads in the order they will start: priority, then FIFO."""
+        queued = [r for r in self.records.values() if r.status == "queued"]
+        return sorted(queued, key=lambda r: (-r.priority, r.seq))
+
+    def queue_position(self, model_id: str) -> int | None:
+        for position, rec in enumerate(self.queue(), start=1):
+            if rec.model_id == model_id:
+                return position
+        return None
+
+    # --- actions -------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        model_id: str,
+        url: str,
+        model_type: ModelType = "llm",
+        sha256: str | None = None,
+        filename: str | None = None,
+        priority: int = 0,
+        engine: EngineSpec | None = None,
+        max_bytes_per_second: int = 0,
+    ) -> DownloadRecord:
+        validate_model_id(model_id)
+        if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            raise InvalidRequest("sha256 must be 64 hexadecimal characters.", param="sha256")
+        if max_bytes_per_second < 0:
+            raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        source = self.plugins.resolve_source(url)
+        name = validate_filename(filename) if filename else _default_filename(source, model_id)
+        if engine is not None:
+            self.engines.validate(engine)
+        async with self._locks[model_id]:
+            existing = self.records.get(model_id)
+            if existing is not None and existing.status not in TERMINAL:
+                raise DownloadExists(model_id, existing.status)
+            self._seq += 1
+            now = now_ms()
+            rec = DownloadRecord(
+                model_id=model_id,
+                url=url,
+                local_path=str(self.models_dir / model_id / name),
+                download_type="startup" if engine is not None else "regular",
+                model_type=model_type,
+                engine=engine,
+                priority=priority,
+                seq=self._seq,
+                created_at=now,
+                start_time=now,
+                expected_sha256=sha256.lower() if sha256 else None,
+                max_bytes_per_second=max_bytes_per_second,
+            )
+            self.records[model_id] = rec
+            self._persist(rec)
+            self.bus.publish(DownloadCreated(_snapshot(rec)))
+            log.info("download.created", model_id=model_id, url=url, path=rec.local_path)
+            self._schedule()
+            return rec
+
+    async def pause(self, model_id: str) -> DownloadRecord:
+        async with self._locks[model_id]:
+            rec = self.get(model_id)
+            if rec.status not in ("downloading", "queued"):
+                raise InvalidState(model_id, "pause", rec.status)
+            await self._stop_task(model_id)
+            if rec.status not in ("downloading", "queued"):
+                raise InvalidState(model_id, "pause", rec.status)
+            self._set_status(rec, "paused")
+            self._schedule()
+            return rec
+
+    async def resume(self, model_id: str) -> DownloadRecord:
+        async with self._locks[model_id]:
+            rec = self.get(model_id)
+            if rec.status != "paused":
+                raise InvalidState(model_id, "resume", rec.status)
+            rec.attempts = 0
+            rec.last_error = None
+            self._set_status(rec, "queued")
+            self._schedule()
+            return rec
+
+    async def cancel(self, model_id: str) -> tuple[DownloadRecord, str]:
+        """Cancel one download; returns the record and the status it had."""
+        async with self._locks[model_id]:
+            rec = self.get(model_id)
+            if rec.status in TERMINAL:
+                raise InvalidState(model_id, "cancel", rec.status)
+            previous = rec.status
+            await self._stop_task(model_id)
+            if rec.status in TERMINAL:
+                raise InvalidState(model_id, "cancel", rec.status)
+            if previous != "creating_engine":
+                await asyncio.to_thread(_remove, rec.part_path)
+            self._set_status(rec, "cancelled")
+            self._schedule()
+            return rec, previous
+
+    async def cancel_all(self) -> tuple[list[tuple[DownloadRecord, str]], list[tuple[str, str, str]]]:
+        """Cancel every non-terminal download. Returns (cancelled, failed) where failed rows
+        are (model_id, status, reason)."""
+        cancelled: list[tuple[DownloadRecord, str]] = []
+        failed: list[tuple[str, str, str]] = []
+        for rec in self.list():
+            try:
+                cancelled.append(await self.cancel(rec.model_id))
+            except KernelError as exc:
+                failed.append((rec.model_id, rec.status, exc.message))
+        return cancelled, failed
+
+    # --- scheduling and tasks --------------------------------------------------------------
+
+    def _running(self) -> int:
+        return sum(1 for phase in self._phase.values() if phase in ("transfer", "finalizing"))
+
+    def _schedule(self) -> None:
+        if self._stopping:
+            return
+        free = self.settings.downloads.max_concurrent - self._running()
+        for rec in self.queue()[: max(free, 0)]:
+            self._start_transfer(rec)
+
+    def _start_transfer(self, rec: DownloadRecord) -> None:
+        rec.run_started_at = now_ms()
+        rec.run_start_bytes = rec.downloaded_bytes
+        rec.end_time = None
+        self._set_status(rec, "downloading")
+        self._phase[rec.model_id] = "transfer"
+        self._tasks[rec.model_id] = asyncio.create_task(
+            self._run_transfer(rec), name=f"transfer:{rec.model_id}"
+        )
+
+    def _start_engine_task(self, rec: DownloadRecord) -> None:
+        self._phase[rec.model_id] = "engine"
+        self._tasks[rec.model_id] = asyncio.create_task(
+            self._run_engine(rec), name=f"engine:{rec.model_id}"
+        )
+
+    async def _stop_task(self, model_id: str) -> None:
+        task = self._tasks.get(model_id)
+        if task is None:
+            return
+        if self._phase.get(model_id) != "finalizing":
+            task.cancel()  # a finalizing transfer (verify + rename) is let finish instead
+        await asyncio.wait({task})
+
+    def _task_done(self, rec: DownloadRecord) -> None:
+        if self._tasks.get(rec.model_id) is asyncio.current_task():
+            del self._tasks[rec.model_id]
+            self._phase.pop(rec.model_id, None)
+        self._last_progress.pop(rec.model_id, None)
+        self._last_checkpoint.pop(rec.model_id, None)
+        self._schedule()
+
+    async def _run_transfer(self, rec: DownloadRecord) -> None:
+        model_id = rec.model_id
+        with structlog.contextvars.bound_contextvars(model_id=model_id):
+            try:
+                source = self.plugins.resolve_source(rec.url)
+                transfer = Transfer(
+                    rec,
+                    source,
+                    self.settings.downloads,
+                    on_progress=self._on_progress,
+                    on_finalizing=lambda: self._phase.__setitem__(model_id, "finalizing"),
+                )
+                try:
+                    await transfer.run()
+                finally:
+                    await source.aclose()
+            except asyncio.CancelledError:
+                self._persist(rec)  # checkpoint the bytes on disk; the canceller sets status
+                self._task_done(rec)
+                raise
+            except KernelError as exc:
+                self._fail(rec, exc.message)
+            except Exception as exc:
+                log.exception("download.internal_error")
+                self._fail(rec, f"Internal error: {type(exc).__name__}: {exc}")
+            else:
+                rec.attempts = 0
+                rec.last_error = None
+                if rec.engine is not None:
+                    self._set_status(rec, "creating_engine")
+                    self._start_engine_task(rec)
+                    return
+                self._set_status(rec, "completed")
+            self._task_done(rec)
+
+    async def _run_engine(self, rec: DownloadRecord) -> None:
+        assert rec.engine is not None
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(model_id=rec.model_id):
+            try:
+                await self.engines.create(rec.model_id, rec.local_path, rec.model_type, rec.engine)
+            except asyncio.CancelledError:
+                self._task_done(rec)
+                raise
+            except KernelError as exc:
+                self._fail(rec, exc.message)
+            except Exception as exc:
+                log.exception("engine.internal_error")
+                self._fail(rec, f"Engine creation failed: {type(exc).__name__}: {exc}")
+            else:
+                log.info("engine.created", seconds=round(time.monotonic() - started, 3))
+                self.bus.publish(
+                    EngineCreated(rec.model_id, rec.model_type, rec.engine.inference_engine)
+                )
+                self._set_status(rec, "completed")
+            self._task_done(rec)
+
+    # --- transitions, progress, persistence -------------------------------------------------
+
+    def _set_status(self, rec: DownloadRecord, status: Status, error: str | None = None) -> None:
+        previous = rec.status
+        check_transition(previous, status)
+        rec.status = status
+        if status in TERMINAL:
+            rec.end_time = now_ms()
+        if error is not None:
+            rec.error_message = error
+        elif status in ("queued", "downloading"):
+            rec.error_message = None
+        self._persist(rec)
+        self.bus.publish(DownloadStatus(_snapshot(rec), previous))
+        log.info("download.status", model_id=rec.model_id, previous=previous, status=status,
+                 downloaded_bytes=rec.downloaded_bytes, error=error)
+
+    def _fail(self, rec: DownloadRecord, message: str) -> None:
+        if rec.status not in TERMINAL:
+            self._set_status(rec, "failed", error=message)
+
+    def _on_progress(self, rec: DownloadRecord) -> None:
+        now = time.monotonic()
+        if now - self._last_progress.get(rec.model_id, 0.0) >= PROGRESS_INTERVAL_S:
+            self._last_progress[rec.model_id] = now
+            self.bus.publish(DownloadProgress(_snapshot(rec)))
+        if now - self._last_checkpoint.get(rec.model_id, 0.0) >= CHECKPOINT_INTERVAL_S:
+            self._last_checkpoint[rec.model_id] = now
+            self._persist(rec)
+
+    def _persist(self, rec: DownloadRecord) -> None:
+        """Save ``rec`` in the background; saves reach the store in call order."""
+        task = asyncio.ensure_future(self._save(_snapshot(rec)))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+
+    async def _save(self, rec: DownloadRecord) -> None:
+        try:
+            await self.store.save(rec)
+        except Exception:
+            log.exception("store.save_failed", model_id=rec.model_id)
+
+
+def _snapshot(rec: DownloadRecord) -> DownloadRecord:
+    return msgspec.structs.replace(rec)
+
+
+def _default_filename(source: object, model_id: str) -> str:
+    name = getattr(source, "filename", None)
+    try:
+        return validate_filename(name) if name else f"{model_id}.bin"
+    except InvalidRequest:
+        return f"{model_id}.bin"
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

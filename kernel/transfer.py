@@ -1,0 +1,319 @@
+"""One download's byte loop: probe, resume the ``.part`` file, stream, verify, rename.
+
+The loop owns no status: it fills in the record's byte counters and raises when it cannot
+finish. ``TransientError`` is retried here with exponential backoff and jitter, resuming from
+the ``.part`` file with ``Range`` + ``If-Range``; ``ValidatorChanged`` (or an origin that answers
+200 to a range request) restarts at byte 0 so two versions of a file are never spliced;
+``PermanentError`` propagates to the manager, which fails the download.
+
+Cancellation (pause, cancel, shutdown) is plain asyncio cancellation: it interrupts any await,
+and a disk write already handed to a worker thread is allowed to finish first, so the ``.part``
+file always ends on a chunk boundary the counters agree with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from kernel.config import DownloadSettings
+from kernel.errors import PermanentError, TransientError, ValidatorChanged
+from kernel.types import DownloadRecord, Probe, Source
+
+__all__ = ["Transfer", "now_ms"]
+
+log = structlog.get_logger()
+
+WRITE_BLOCK = 4 << 20  # bytes gathered before one write() in a worker thread
+MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
+GGUF_MAGIC = b"GGUF"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _PartFile:
+    """The ``.part`` file: positional writes in a worker thread, optional running sha256."""
+
+    def __init__(self, path: str, offset: int, hashing: bool) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, offset)
+        self.pos = offset
+        self.hasher = hashlib.sha256() if hashing else None
+        self._pending: asyncio.Future[None] | None = None
+
+    async def hash_existing(self) -> None:
+        if self.hasher is None or self.pos == 0:
+            return
+        await asyncio.to_thread(_hash_file_into, self.path, self.pos, self.hasher)
+
+    def _write(self, data: bytes, pos: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, pos)
+            view = view[written:]
+            pos += written
+        if self.hasher is not None:
+            self.hasher.update(data)
+
+    async def write(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, self._write, data, self.pos)
+        try:
+            await asyncio.shield(self._pending)
+        except asyncio.CancelledError:
+            await asyncio.wait({self._pending})  # let the write land before the file is touched
+            raise
+        self.pos += len(data)
+
+    async def sync_and_close(self) -> None:
+        await asyncio.to_thread(os.fsync, self.fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _hash_file_into(path: str, length: int, hasher: Any) -> None:
+    with open(path, "rb") as f:
+        remaining = length
+        while remaining > 0:
+            block = f.read(min(8 << 20, remaining))
+            if not block:
+                break
+            hasher.update(block)
+            remaining -= len(block)
+
+
+def _file_sha256(path: str) -> str:
+    hasher = hashlib.sha256()
+    _hash_file_into(path, os.path.getsize(path), hasher)
+    return hasher.hexdigest()
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+
+
+class Transfer:
+    """Downloads ``record.url`` through ``source`` into ``record.local_path``."""
+
+    def __init__(
+        self,
+        record: DownloadRecord,
+        source: Source,
+        settings: DownloadSettings,
+        *,
+        on_progress: Callable[[DownloadRecord], None] = lambda _r: None,
+        on_finalizing: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.rec = record
+        self.source = source
+        self.settings = settings
+        self.on_progress = on_progress
+        self.on_finalizing = on_finalizing
+        self.probe: Probe | None = None
+        self.transferred = 0  # bytes received over the network in this run
+        self._hasher: Any = None  # running sha256 of the part, when a digest is expected
+
+    @property
+    def expected_sha256(self) -> str | None:
+        sha = self.rec.expected_sha256 or (self.probe.sha256 if self.probe else None)
+        return sha.lower() if sha else None
+
+    async def run(self) -> None:
+        os.makedirs(os.path.dirname(self.rec.local_path) or ".", exist_ok=True)
+        restarts = 0
+        while True:
+            try:
+                if await self._attempt():
+                    return
+            except ValidatorChanged as exc:
+                restarts += 1
+                log.info("download.restart", reason=exc.message)
+                if restarts > MAX_RESTARTS:
+                    raise PermanentError(
+                        f"The remote file kept changing during the download ({exc.message})."
+                    ) from exc
+                await self._discard_part()
+            except TransientError as exc:
+                await self._backoff(exc)
+
+    async def _backoff(self, exc: TransientError) -> None:
+        rec, retry = self.rec, self.settings.retry
+        rec.attempts += 1
+        rec.last_error = exc.message
+        if rec.attempts > retry.attempts:
+            raise PermanentError(
+                f"Download failed after {rec.attempts} attempts: {exc.message}"
+            ) from exc
+        delay = retry.backoff_seconds * 2 ** (rec.attempts - 1) * random.uniform(0.5, 1.0)  # noqa: S311
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        log.warning("download.retry", attempt=rec.attempts, delay_s=round(delay, 2), error=exc.message)
+        self.on_progress(rec)
+        await asyncio.sleep(min(delay, 300.0))
+
+    async def _discard_part(self) -> None:
+        await asyncio.to_thread(_remove, self.rec.part_path)
+        self.rec.validator = None
+        self.rec.downloaded_bytes = 0
+        self.rec.run_start_bytes = 0
+        self.probe = None
+
+    async def _attempt(self) -> bool:
+        """One connection's worth of work. True when the final file is in place."""
+        rec = self.rec
+        if self.probe is None:
+            self.probe = await self.source.probe()
+            if self.probe.size is not None:
+                if rec.total_bytes and rec.total_bytes != self.probe.size and rec.downloaded_bytes:
+                    raise ValidatorChanged("The remote file's size changed.")
+                rec.total_bytes = self.probe.size
+            if await self._already_present():
+                return True
+        probe = self.probe
+        part_size = await asyncio.to_thread(_size, rec.part_path) or 0
+        offset = part_size if probe.accept_ranges else 0
+        if offset and rec.validator and probe.validator and rec.validator != probe.validator:
+            raise ValidatorChanged("The remote file changed since the partial download began.")
+        if rec.total_bytes and offset > rec.total_bytes:
+            raise ValidatorChanged("The partial file is larger than the remote file.")
+        if rec.total_bytes and offset == rec.total_bytes:
+            return await self._finish(offset)
+        body = await self.source.open(offset, rec.validator or probe.validator if offset else None)
+        try:
+            if body.start != offset:
+                log.info("download.restart", reason="origin sent the whole file", offset=offset)
+                offset = body.start
+            rec.validator = body.validator or probe.validator
+            if body.total is not None and body.total > 0:
+                rec.total_bytes = body.total
+            rec.downloaded_bytes = offset
+            if offset < rec.run_start_bytes:
+                rec.run_start_bytes = offset
+            if offset:
+                log.info("download.resumed", offset=offset)
+            await self._stream(body, offset)
+        finally:
+            await body.aclose()
+        return await self._finish(rec.downloaded_bytes)
+
+    async def _stream(self, body: Any, offset: int) -> None:
+        rec = self.rec
+        self._hasher = None
+        part = _PartFile(rec.part_path, offset, hashing=self.expected_sha256 is not None)
+        try:
+            await part.hash_existing()
+            buffer = bytearray()
+            async for chunk in body.chunks():
+                buffer += chunk
+                self.transferred += len(chunk)
+                if len(buffer) >= WRITE_BLOCK:
+                    await part.write(bytes(buffer))
+                    buffer.clear()
+                    rec.downloaded_bytes = part.pos
+                    self.on_progress(rec)
+                if rec.total_bytes and part.pos + len(buffer) > rec.total_bytes:
+                    raise PermanentError(
+                        f"The server sent more bytes than the {rec.total_bytes} it announced."
+                    )
+            if buffer:
+                await part.write(bytes(buffer))
+            rec.downloaded_bytes = part.pos
+            self.on_progress(rec)
+            self._hasher = part.hasher
+            await part.sync_and_close()
+        finally:
+            part.close()
+        if rec.total_bytes and rec.downloaded_bytes < rec.total_bytes:
+            raise TransientError(
+                f"The connection ended after {rec.downloaded_bytes} of {rec.total_bytes} bytes."
+            )
+
+    async def _already_present(self) -> bool:
+        """A final file of the right size (and digest, when known) needs no transfer."""
+        rec = self.rec
+        size = await asyncio.to_thread(_size, rec.local_path)
+        if size is None or not rec.total_bytes or size != rec.total_bytes:
+            return False
+        expected = self.expected_sha256
+        if expected is not None:
+            digest = await asyncio.to_thread(_file_sha256, rec.local_path)
+            if digest != expected:
+                return False
+            rec.sha256 = digest
+        rec.downloaded_bytes = size
+        log.info("download.already_present", path=rec.local_path)
+        return True
+
+    async def _finish(self, size: int) -> bool:
+        """Verify the complete ``.part`` and rename it into place."""
+        self.on_finalizing()
+        rec = self.rec
+        if rec.total_bytes and size != rec.total_bytes:
+            raise TransientError(f"The download ended at {size} of {rec.total_bytes} bytes.")
+        expected = self.expected_sha256
+        if expected is not None:
+            digest = (
+                self._hasher.hexdigest()
+                if self._hasher is not None
+                else await asyncio.to_thread(_file_sha256, rec.part_path)
+            )
+            if digest != expected:
+                await asyncio.to_thread(_remove, rec.part_path)
+                rec.downloaded_bytes = 0
+                raise PermanentError(
+                    f"Checksum mismatch: expected sha256 {expected}, got {digest}; "
+                    "the partial file was removed."
+                )
+            rec.sha256 = digest
+        if rec.local_path.lower().endswith(".gguf"):
+            await self._check_gguf()
+        await asyncio.to_thread(_rename_durably, rec.part_path, rec.local_path)
+        rec.total_bytes = rec.total_bytes or size
+        return True
+
+    async def _check_gguf(self) -> None:
+        path = self.rec.part_path
+
+        def magic() -> bytes:
+            with open(path, "rb") as f:
+                return f.read(4)
+
+        if await asyncio.to_thread(magic) != GGUF_MAGIC:
+            await asyncio.to_thread(_remove, path)
+            self.rec.downloaded_bytes = 0
+            raise PermanentError(
+                "The downloaded file is not a GGUF model (bad magic number); it was removed."
+            )
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _rename_durably(src: str, dst: str) -> None:
+    os.replace(src, dst)
+    dir_fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

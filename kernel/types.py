@@ -1,0 +1,199 @@
+"""Structs and Protocols shared by the kernel and its plugins.
+
+Records are the kernel's own state (never sent on the wire as they are: the API converts them).
+Protocols describe the objects that plugin hooks return: a ``Source`` fetches bytes, a
+``DownloadStore`` keeps records, an ``EngineBackend`` builds engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+
+import msgspec
+
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "Body",
+    "DownloadCreated",
+    "DownloadProgress",
+    "DownloadRecord",
+    "DownloadStatus",
+    "DownloadStore",
+    "Engine",
+    "EngineBackend",
+    "EngineCreated",
+    "EngineSpec",
+    "Event",
+    "GpuInfo",
+    "Probe",
+    "Source",
+    "Status",
+]
+
+Status: TypeAlias = Literal[
+    "queued", "downloading", "paused", "creating_engine", "completed", "failed", "cancelled"
+]
+DownloadType: TypeAlias = Literal["regular", "startup"]
+ModelType: TypeAlias = Literal["llm", "embedding"]
+
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "downloading", "paused", "creating_engine"})
+
+
+class EngineSpec(msgspec.Struct, kw_only=True):
+    """What to build once a startup download's file is on disk (Kolosal's engine_creation)."""
+
+    load_immediately: bool = True
+    main_gpu_id: int = 0
+    inference_engine: str = "llama-cpp"
+    loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class DownloadRecord(msgspec.Struct, kw_only=True):
+    """One download as the kernel and the store know it. Times are ms since the epoch."""
+
+    model_id: str
+    url: str
+    local_path: str
+    status: Status = "queued"
+    download_type: DownloadType = "regular"
+    model_type: ModelType = "llm"
+    engine: EngineSpec | None = None
+    priority: int = 0
+    seq: int = 0  # creation order, for FIFO among equal priorities
+    created_at: int = 0
+    start_time: int = 0
+    end_time: int | None = None
+    downloaded_bytes: int = 0
+    total_bytes: int = 0  # 0 = unknown
+    expected_sha256: str | None = None
+    sha256: str | None = None  # set once verified
+    validator: str | None = None  # ETag (or Last-Modified) the .part file belongs to
+    error_message: str | None = None
+    last_error: str | None = None
+    attempts: int = 0
+    max_bytes_per_second: int = 0
+    # This run's starting point, for the average speed (bytes in this run / seconds in it).
+    run_started_at: int = 0
+    run_start_bytes: int = 0
+
+    @property
+    def part_path(self) -> str:
+        return self.local_path + ".part"
+
+
+class Probe(msgspec.Struct, kw_only=True):
+    """What a source knows about the remote file before fetching it."""
+
+    size: int | None = None
+    validator: str | None = None
+    accept_ranges: bool = False
+    sha256: str | None = None
+    final_url: str | None = None
+    filename: str | None = None
+
+
+@runtime_checkable
+class Body(Protocol):
+    """An open response body. ``start`` is the byte offset its first chunk belongs at:
+    the requested offset when the range was honoured, 0 when the source restarted."""
+
+    start: int
+    total: int | None
+    validator: str | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Fetches one remote file. Returned by the ``resolve_source`` hook; all I/O is here."""
+
+    ref: str
+
+    async def probe(self) -> Probe:
+        """Size, validator, range support and checksum, without downloading the body.
+        Raises TransientError / PermanentError."""
+        ...
+
+    async def open(self, offset: int, validator: str | None) -> Body:
+        """Open the body at ``offset``; with a validator, only if the file is still that one
+        (If-Range). Raises TransientError / PermanentError / ValidatorChanged."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class DownloadStore(Protocol):
+    """Keeps download records across restarts. Returned by the ``open_store`` hook."""
+
+    async def load_all(self) -> list[DownloadRecord]: ...
+
+    async def save(self, record: DownloadRecord) -> None: ...
+
+    async def delete(self, model_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    name: str
+    total_memory: int
+    free_memory: int
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded (or lazily loadable) model that answers requests."""
+
+    model_id: str
+    model_type: str
+
+    async def complete(self, prompt: str, max_tokens: int) -> str: ...
+
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class EngineBackend(Protocol):
+    """Builds engines from model files. Returned (in a list) by ``register_engine_backends``."""
+
+    name: str
+    aliases: tuple[str, ...]
+
+    async def create(
+        self, model_id: str, path: str, model_type: str, spec: EngineSpec
+    ) -> Engine: ...
+
+
+# --- bus events: frozen, tagged with the event name --------------------------------------
+
+
+class DownloadCreated(msgspec.Struct, frozen=True, tag="download.created"):
+    record: DownloadRecord
+
+
+class DownloadStatus(msgspec.Struct, frozen=True, tag="download.status"):
+    record: DownloadRecord
+    previous: str
+
+
+class DownloadProgress(msgspec.Struct, frozen=True, tag="download.progress"):
+    record: DownloadRecord
+
+
+class EngineCreated(msgspec.Struct, frozen=True, tag="engine.created"):
+    model_id: str
+    model_type: str
+    inference_engine: str
+
+
+Event: TypeAlias = DownloadCreated | DownloadStatus | DownloadProgress | EngineCreated
