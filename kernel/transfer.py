@@ -32,6 +32,7 @@ __all__ = ["Transfer", "now_ms"]
 log = structlog.get_logger()
 
 WRITE_BLOCK = 4 << 20  # bytes gathered before one write() in a worker thread
+FLUSH_S = 0.25  # ...or after this long, so progress and pause lose nothing on slow links
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 GGUF_MAGIC = b"GGUF"
 
@@ -220,18 +221,26 @@ class Transfer:
         try:
             await part.hash_existing()
             buffer = bytearray()
-            async for chunk in body.chunks():
-                buffer += chunk
-                self.transferred += len(chunk)
-                if len(buffer) >= WRITE_BLOCK:
+            flushed_at = time.monotonic()
+            try:
+                async for chunk in body.chunks():
+                    buffer += chunk
+                    self.transferred += len(chunk)
+                    if rec.total_bytes and part.pos + len(buffer) > rec.total_bytes:
+                        raise PermanentError(
+                            f"The server sent more bytes than the {rec.total_bytes} it announced."
+                        )
+                    if len(buffer) >= WRITE_BLOCK or time.monotonic() - flushed_at >= FLUSH_S:
+                        await part.write(bytes(buffer))
+                        buffer.clear()
+                        flushed_at = time.monotonic()
+                        rec.downloaded_bytes = part.pos
+                        self.on_progress(rec)
+            except (asyncio.CancelledError, TransientError):
+                if buffer:  # keep every byte received: a resume continues after them
                     await part.write(bytes(buffer))
-                    buffer.clear()
                     rec.downloaded_bytes = part.pos
-                    self.on_progress(rec)
-                if rec.total_bytes and part.pos + len(buffer) > rec.total_bytes:
-                    raise PermanentError(
-                        f"The server sent more bytes than the {rec.total_bytes} it announced."
-                    )
+                raise
             if buffer:
                 await part.write(bytes(buffer))
             rec.downloaded_bytes = part.pos

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from kernel.api.schemas import (
     ActionResult,
@@ -21,6 +21,7 @@ from kernel.api.schemas import (
     FailedCancellation,
     ListSummary,
 )
+from kernel.api.deps import Downloads
 from kernel.downloads import DownloadManager, validate_model_id
 from kernel.errors import InvalidRequest
 from kernel.transfer import now_ms
@@ -94,8 +95,8 @@ class DownloadsController(Controller):
     @get("/", summary="List downloads (active ones unless ?status= widens the list)")
     async def list_downloads(
         self,
-        downloads: DownloadManager,
-        status: str | None = Parameter(query="status", required=False, default=None),
+        downloads: Downloads,
+        status: FromQuery[str | None] = None,
     ) -> DownloadList:
         records = downloads.list(_statuses(status))
         now = now_ms()
@@ -114,7 +115,7 @@ class DownloadsController(Controller):
 
     @post("/", status_code=202, summary="Start a download, or cancel all with {\"action\": \"cancel_all\"}")
     async def create(
-        self, data: dict[str, Any], downloads: DownloadManager
+        self, data: JSONBody[dict[str, Any]], downloads: Downloads
     ) -> Response[Download | BulkCancelResult]:
         if "action" in data:
             if data["action"] != "cancel_all" or len(data) != 1:
@@ -134,38 +135,38 @@ class DownloadsController(Controller):
         return Response(_view(downloads, rec, detail=True, now=now_ms()), status_code=202)
 
     @delete("/", status_code=200, summary="Cancel all downloads")
-    async def cancel_all(self, downloads: DownloadManager) -> BulkCancelResult:
+    async def cancel_all(self, downloads: Downloads) -> BulkCancelResult:
         return _cancel_all(await downloads.cancel_all())
 
     @post("/cancel", status_code=200, summary="Cancel all downloads")
-    async def cancel_all_post(self, downloads: DownloadManager) -> BulkCancelResult:
+    async def cancel_all_post(self, downloads: Downloads) -> BulkCancelResult:
         return _cancel_all(await downloads.cancel_all())
 
     @get("/{model_id:str}", summary="One download in detail")
-    async def detail(self, model_id: str, downloads: DownloadManager) -> Download:
+    async def detail(self, model_id: FromPath[str], downloads: Downloads) -> Download:
         rec = downloads.get(_path_id(model_id))
         return _view(downloads, rec, detail=True, now=now_ms())
 
     @delete("/{model_id:str}", status_code=200, summary="Cancel one download")
-    async def cancel(self, model_id: str, downloads: DownloadManager) -> CancelResult:
+    async def cancel(self, model_id: FromPath[str], downloads: Downloads) -> CancelResult:
         return await self._cancel(model_id, downloads)
 
     @post("/{model_id:str}/cancel", status_code=200, summary="Cancel one download")
-    async def cancel_post(self, model_id: str, downloads: DownloadManager) -> CancelResult:
+    async def cancel_post(self, model_id: FromPath[str], downloads: Downloads) -> CancelResult:
         return await self._cancel(model_id, downloads)
 
     @post("/{model_id:str}/pause", status_code=200, summary="Pause a download")
-    async def pause(self, model_id: str, downloads: DownloadManager) -> ActionResult:
+    async def pause(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
         await downloads.pause(_path_id(model_id))
         return ActionResult(success=True, message="Download paused successfully", model_id=model_id)
 
     @post("/{model_id:str}/resume", status_code=200, summary="Resume a paused download")
-    async def resume(self, model_id: str, downloads: DownloadManager) -> ActionResult:
+    async def resume(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
         await downloads.resume(_path_id(model_id))
         return ActionResult(success=True, message="Download resumed successfully", model_id=model_id)
 
     @staticmethod
-    async def _cancel(model_id: str, downloads: DownloadManager) -> CancelResult:
+    async def _cancel(model_id: FromPath[str], downloads: Downloads) -> CancelResult:
         rec, previous = await downloads.cancel(_path_id(model_id))
         return CancelResult(
             success=True,

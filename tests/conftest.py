@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.origin import Origin
+
+
+@pytest.fixture(scope="session")
+def origin_server() -> Iterator[Origin]:
+    """One loopback origin server for the whole session."""
+    with Origin() as server:
+        yield server
+
+
+@pytest.fixture
+def origin(origin_server: Origin) -> Iterator[Origin]:
+    """The shared origin; faults and request log are reset after each test."""
+    try:
+        yield origin_server
+    finally:
+        origin_server.reset()
+
+
+# --- the app over a real kernel (SQLite in tmp_path, builtin plugins) ------------------------
+
+from collections.abc import AsyncIterator  # noqa: E402
+
+from litestar.testing import AsyncTestClient  # noqa: E402
+
+from kernel.api.app import create_app  # noqa: E402
+from kernel.config import (  # noqa: E402
+    DownloadSettings,
+    RetrySettings,
+    Settings,
+    StorageSettings,
+)
+from kernel.core import Kernel  # noqa: E402
+
+
+def make_settings(tmp_path: Path, **downloads: object) -> Settings:
+    options: dict[str, object] = {
+        "stall_timeout_s": 5.0,
+        "retry": RetrySettings(attempts=3, backoff_seconds=0.02),
+        **downloads,
+    }
+    return Settings(
+        storage=StorageSettings(
+            models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")
+        ),
+        downloads=DownloadSettings(**options),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
+    """An HTTP client on the app; the app's lifespan starts and stops the kernel."""
+    kernel = Kernel(settings, load_entrypoints=False)
+    async with AsyncTestClient(app=create_app(kernel)) as test_client:
+        test_client.kernel = kernel  # type: ignore[attr-defined]
+        yield test_client
