@@ -119,9 +119,8 @@ class Origin:
         self._redirects: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._stalled = threading.Event()
-        self._stalls: set[asyncio.Future[None]] = (
-            set()
-        )  # these two are only touched on the server loop
+        # stalled responses' release futures and the streams' disconnect watchers (loop-only)
+        self._stalls: set[asyncio.Future[None]] = set()
         self._watchers: set[asyncio.Future[None]] = set()
         self._log_filter = _HideAbort()
         self._server: uvicorn.Server | None = None
