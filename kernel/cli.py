@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import structlog
+import uvicorn
 
 from kernel import __version__
-from kernel.config import ConfigError, load_settings
+from kernel.config import ConfigError, Settings, load_settings
+from kernel.errors import KernelError
 from kernel.log import configure_logging
 
 __all__ = ["main"]
@@ -33,11 +38,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from kernel.api.app import create_app
-    from kernel.core import Kernel
-
     configure_logging(args.log_level, json=args.log_json)
     try:
         settings = load_settings(
@@ -49,21 +49,48 @@ def serve(args: argparse.Namespace) -> int:
                 "storage.state_dir": args.state_dir,
             },
         )
-        kernel = Kernel(settings)
     except ConfigError as exc:
         print(f"modelkernel: {exc.message}", file=sys.stderr)  # noqa: T201
         return 2
-    app = create_app(kernel)
-    log.info("server.listening", host=settings.server.host, port=settings.server.port)
-    uvicorn.run(
-        app,
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    from kernel.api.app import create_app
+    from kernel.core import Kernel
+
+    try:
+        kernel = Kernel(settings)
+        await kernel.start()  # before binding: a held lock or bad state is a clean exit 1
+    except KernelError as exc:
+        print(f"modelkernel: {exc.message}", file=sys.stderr)  # noqa: T201
+        return 1
+    config = uvicorn.Config(
+        create_app(kernel),
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=2,
+        timeout_graceful_shutdown=1,
     )
+    server = _Server(config)
+    log.info("server.listening", host=settings.server.host, port=settings.server.port)
+    try:
+        await server.serve()  # the app's lifespan stops the kernel on the way out
+    finally:
+        await kernel.stop()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server, where a second SIGINT or SIGTERM exits at once."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            log.warning("server.forced_exit", signal=sig)
+            os._exit(128 + sig)
+        log.info("server.stopping", signal=sig)
+        super().handle_exit(sig, frame)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import structlog
 
-from kernel.config import Settings
+from kernel._lock import StateLock
+from kernel.config import ModelEntry, Settings
 from kernel.downloads import DownloadManager
 from kernel.engines import EngineRegistry
 from kernel.events import EventBus
 from kernel.plugins import Plugins, make_plugin_manager
-from kernel.types import DownloadStore
+from kernel.errors import KernelError
+from kernel.types import DownloadStore, EngineSpec
 
 __all__ = ["Kernel"]
 
@@ -40,6 +42,7 @@ class Kernel:
         self.engines = EngineRegistry(self.plugins.engine_backends(), self.plugins.detect_gpus())
         self._store: DownloadStore | None = None
         self._downloads: DownloadManager | None = None
+        self._lock = StateLock(self.settings.storage.state_dir)
         self.started = False
 
     @property
@@ -55,16 +58,48 @@ class Kernel:
         return self._downloads
 
     async def start(self) -> None:
-        Path(self.settings.storage.models_dir).mkdir(parents=True, exist_ok=True)
-        self._store = self.plugins.open_store()
-        self._downloads = DownloadManager(
-            self.settings, self.plugins, self._store, self.bus, self.engines
-        )
-        await self._downloads.start()
+        """Take the state lock, open the store, resume downloads, honour config ``models:``.
+        Idempotent; raises KernelError (lock held, unreadable store) with a clear message."""
+        if self.started:
+            return
+        self._lock.acquire()
+        try:
+            Path(self.settings.storage.models_dir).mkdir(parents=True, exist_ok=True)
+            self._store = self.plugins.open_store()
+            self._downloads = DownloadManager(
+                self.settings, self.plugins, self._store, self.bus, self.engines
+            )
+            await self._downloads.start()
+        except BaseException:
+            if self._store is not None:
+                await self._store.close()
+            self._lock.release()
+            raise
+        for entry in self.settings.models:
+            await self._boot_model(entry)
         await self.plugins.startup(self)
         self.started = True
         log.info("kernel.started", plugins=self.plugins.names(),
                  models_dir=str(self._downloads.models_dir))
+
+    async def _boot_model(self, entry: ModelEntry) -> None:
+        """A Kolosal ``models:`` entry: a URL becomes a startup download (once), a local
+        path becomes an engine. Errors are logged: one bad entry never stops the server."""
+        spec = EngineSpec(
+            load_immediately=entry.load_immediately,
+            main_gpu_id=entry.main_gpu_id,
+            inference_engine=entry.inference_engine,
+            loading_parameters=entry.load_params,
+        )
+        model_type = "embedding" if entry.type == "embedding" else "llm"
+        try:
+            if "://" in entry.path:
+                await self.downloads.ensure_startup(entry.id, entry.path, model_type, spec)
+            else:
+                self.engines.validate(spec, prefix="models.")
+                await self.engines.create(entry.id, entry.path, model_type, spec)
+        except KernelError as exc:
+            log.error("config.model_failed", model_id=entry.id, error=exc.message)
 
     async def stop(self) -> None:
         if not self.started:
@@ -74,4 +109,5 @@ class Kernel:
         await self.plugins.shutdown(self)
         await self.engines.close()
         await self.store.close()
+        self._lock.release()
         log.info("kernel.stopped")

@@ -134,12 +134,32 @@ class DownloadManager:
         for rec in sorted(await self.store.load_all(), key=lambda r: r.seq):
             self.records[rec.model_id] = rec
             self._seq = max(self._seq, rec.seq)
+        await self._prune_ended()
+        await asyncio.to_thread(self._report_orphan_parts)
         for rec in self.records.values():
             if rec.status == "downloading":
                 rec.status = "queued"  # resumes from its .part file when a slot frees
             elif rec.status == "creating_engine":
                 self._start_engine_task(rec)
         self._schedule()
+
+    async def _prune_ended(self) -> None:
+        days = self.settings.downloads.retention_days
+        if days <= 0:
+            return
+        cutoff = now_ms() - days * 86_400_000
+        for rec in list(self.records.values()):
+            if rec.status in TERMINAL and (rec.end_time or rec.created_at) < cutoff:
+                del self.records[rec.model_id]
+                await self.store.delete(rec.model_id)
+                log.info("download.pruned", model_id=rec.model_id, status=rec.status)
+
+    def _report_orphan_parts(self) -> None:
+        """A ``.part`` no record owns is reported, never deleted silently."""
+        owned = {rec.part_path for rec in self.records.values()}
+        for part in self.models_dir.glob("*/*.part"):
+            if str(part) not in owned:
+                log.warning("download.orphan_part", path=str(part), bytes=part.stat().st_size)
 
     async def stop(self) -> None:
         """Stop every task; records keep their status so the next start resumes them."""
@@ -232,6 +252,41 @@ class DownloadManager:
             log.info("download.created", model_id=model_id, url=url, path=rec.local_path)
             self._schedule()
             return rec
+
+    async def ensure_startup(
+        self, model_id: str, url: str, model_type: ModelType, engine: EngineSpec
+    ) -> DownloadRecord:
+        """The config's ``models:`` entry as a startup download, made idempotent across boots:
+        the same URL already downloaded (or on its way) is not fetched again, a completed one
+        only gets its engine; a changed URL replaces the old download."""
+        rec = self.records.get(model_id)
+        if rec is not None and rec.url == url and rec.status not in ("failed", "cancelled"):
+            if rec.status == "completed" and await asyncio.to_thread(os.path.exists, rec.local_path):
+                if model_id not in self.engines.engines:
+                    await self.engines.create(model_id, rec.local_path, rec.model_type, engine)
+                return rec
+            if rec.status != "completed":
+                return rec
+        if rec is not None and rec.status not in TERMINAL:
+            await self.cancel(model_id)
+        return await self.create(model_id=model_id, url=url, model_type=model_type, engine=engine)
+
+    async def purge(self, model_id: str, *, delete_file: bool = False) -> tuple[DownloadRecord, bool]:
+        """Forget an ended download (cancelling it first if it is still running); with
+        ``delete_file`` also remove its completed file. Returns (record, file_deleted)."""
+        rec = self.get(model_id)
+        if rec.status not in TERMINAL:
+            await self.cancel(model_id)
+        async with self._locks[model_id]:
+            rec = self.get(model_id)
+            deleted = False
+            if delete_file:
+                deleted = await asyncio.to_thread(_remove, rec.local_path)
+                await asyncio.to_thread(_remove, rec.part_path)
+            del self.records[model_id]
+            await self.store.delete(model_id)
+            log.info("download.purged", model_id=model_id, file_deleted=deleted)
+            return rec, deleted
 
     async def pause(self, model_id: str) -> DownloadRecord:
         async with self._locks[model_id]:
@@ -440,8 +495,9 @@ def _default_filename(source: object, model_id: str) -> str:
         return f"{model_id}.bin"
 
 
-def _remove(path: str) -> None:
+def _remove(path: str) -> bool:
     try:
         os.remove(path)
     except FileNotFoundError:
-        pass
+        return False
+    return True

@@ -20,6 +20,7 @@ from kernel.api.schemas import (
     EngineCreation,
     FailedCancellation,
     ListSummary,
+    PurgeResult,
 )
 from kernel.api.deps import Downloads
 from kernel.downloads import DownloadManager, validate_model_id
@@ -147,9 +148,30 @@ class DownloadsController(Controller):
         rec = downloads.get(_path_id(model_id))
         return _view(downloads, rec, detail=True, now=now_ms())
 
-    @delete("/{model_id:str}", status_code=200, summary="Cancel one download")
-    async def cancel(self, model_id: FromPath[str], downloads: Downloads) -> CancelResult:
-        return await self._cancel(model_id, downloads)
+    @delete(
+        "/{model_id:str}",
+        status_code=200,
+        summary="Cancel one download; ?purge=true forgets an ended one (&delete_file=true too)",
+    )
+    async def cancel(
+        self,
+        model_id: FromPath[str],
+        downloads: Downloads,
+        purge: FromQuery[bool] = False,
+        delete_file: FromQuery[bool] = False,
+    ) -> CancelResult | PurgeResult:
+        if not purge:
+            return await self._cancel(model_id, downloads)
+        previous = downloads.get(_path_id(model_id)).status
+        rec, deleted = await downloads.purge(model_id, delete_file=delete_file)
+        return PurgeResult(
+            success=True,
+            message="Download record purged",
+            model_id=rec.model_id,
+            previous_status=previous,
+            file_deleted=deleted,
+            timestamp=now_ms(),
+        )
 
     @post("/{model_id:str}/cancel", status_code=200, summary="Cancel one download")
     async def cancel_post(self, model_id: FromPath[str], downloads: Downloads) -> CancelResult:

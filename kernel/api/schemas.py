@@ -32,6 +32,7 @@ __all__ = [
     "FailedCancellation",
     "Health",
     "ListSummary",
+    "PurgeResult",
     "Progress",
     "Timing",
 ]
@@ -244,6 +245,15 @@ class CancelResult(_Wire):
     download_type: str
     timestamp: int
     engine_creation: EngineCreation | UnsetType = UNSET
+
+
+class PurgeResult(_Wire):
+    success: bool
+    message: str
+    model_id: str
+    previous_status: str
+    file_deleted: bool
+    timestamp: int
 
 
 class CancelledDownload(_Wire):
