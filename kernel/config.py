@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import yaml
@@ -47,7 +47,7 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Port = 8080
 
 
 class StorageSettings(_Section):
@@ -55,17 +55,21 @@ class StorageSettings(_Section):
     state_dir: str = "./.modelkernel"
 
 
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
 class RetrySettings(_Section):
-    attempts: int = 5
-    backoff_seconds: float = 1.0
+    attempts: Annotated[int, msgspec.Meta(ge=0, le=100)] = 5
+    backoff_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
 
 
 class DownloadSettings(_Section):
-    max_concurrent: int = 4
-    max_bytes_per_second: int = 0
-    stall_timeout_s: float = 30.0
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
+    max_bytes_per_second: NonNegativeInt = 0  # 0 = unlimited
+    stall_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
-    retention_days: int = 0
+    retention_days: NonNegativeInt = 0  # 0 = keep ended records forever
 
 
 class AuthSettings(_Section):

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 import structlog
 
 from kernel._lock import StateLock
-from kernel.config import ModelEntry, Settings
+from kernel.config import DownloadSettings, ModelEntry, Settings
 from kernel.downloads import DownloadManager
 from kernel.engines import EngineRegistry
 from kernel.events import EventBus
 from kernel.plugins import Plugins, make_plugin_manager
-from kernel.errors import KernelError
-from kernel.types import DownloadStore, EngineSpec
+from kernel.errors import InvalidRequest, KernelError
+from kernel.metrics import Metrics
+from kernel.types import DownloadStore, EngineSpec, Event
 
 __all__ = ["Kernel"]
 
 log = structlog.get_logger()
+
+RUNTIME_SETTINGS_KEY = "settings.downloads"
+
+
+def _param_of(exc: msgspec.ValidationError) -> str | None:
+    found = re.search(r"at `\$\.([^`]+)`", str(exc)) or re.search(r"field `([^`]+)`", str(exc))
+    return found.group(1) if found else None
 
 
 class Kernel:
@@ -38,7 +50,8 @@ class Kernel:
             extra=extra_plugins,
         )
         self.plugins = Plugins(pm, self.settings)
-        self.bus = EventBus(observer=self.plugins.emit)
+        self.metrics = Metrics()
+        self.bus = EventBus(observer=self._observe)
         self.engines = EngineRegistry(self.plugins.engine_backends(), self.plugins.detect_gpus())
         self._store: DownloadStore | None = None
         self._downloads: DownloadManager | None = None
@@ -66,8 +79,9 @@ class Kernel:
         try:
             Path(self.settings.storage.models_dir).mkdir(parents=True, exist_ok=True)
             self._store = self.plugins.open_store()
+            await self._load_runtime_settings()
             self._downloads = DownloadManager(
-                self.settings, self.plugins, self._store, self.bus, self.engines
+                self.settings, self.plugins, self._store, self.bus, self.engines, self.metrics
             )
             await self._downloads.start()
         except BaseException:
@@ -81,6 +95,39 @@ class Kernel:
         self.started = True
         log.info("kernel.started", plugins=self.plugins.names(),
                  models_dir=str(self._downloads.models_dir))
+
+    def _observe(self, event: Event) -> None:
+        self.metrics.observe(event)
+        self.plugins.emit(event)
+
+    async def _load_runtime_settings(self) -> None:
+        """Settings changed through the API outlive a restart: they win over the file."""
+        raw = await self.store.get_meta(RUNTIME_SETTINGS_KEY)
+        if raw is None:
+            return
+        try:
+            saved = msgspec.json.decode(raw, type=DownloadSettings)
+        except msgspec.DecodeError as exc:
+            log.warning("settings.saved_unreadable", error=str(exc))
+            return
+        self.settings.downloads = saved
+
+    async def update_download_settings(self, patch: dict[str, Any]) -> DownloadSettings:
+        """Merge ``patch`` into the ``downloads`` settings, validate like the config file
+        (InvalidRequest naming the field), apply at once, and persist."""
+        merged = msgspec.to_builtins(self.settings.downloads)
+        for key, value in patch.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        try:
+            new = msgspec.convert(merged, DownloadSettings)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"Invalid settings: {exc}", param=_param_of(exc)) from exc
+        await self.downloads.apply_settings(new)
+        await self.store.put_meta(RUNTIME_SETTINGS_KEY, msgspec.json.encode(new))
+        return self.settings.downloads
 
     async def _boot_model(self, entry: ModelEntry) -> None:
         """A Kolosal ``models:`` entry: a URL becomes a startup download (once), a local

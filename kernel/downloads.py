@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 
-from kernel.config import Settings
+from kernel.config import DownloadSettings, Settings
 from kernel.errors import (
     DownloadExists,
     DownloadNotFound,
@@ -33,6 +33,7 @@ from kernel.errors import (
     KernelError,
 )
 from kernel.events import EventBus
+from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
 from kernel.types import (
     TERMINAL,
@@ -49,6 +50,7 @@ from kernel.types import (
 
 if TYPE_CHECKING:
     from kernel.engines import EngineRegistry
+    from kernel.metrics import Metrics
     from kernel.plugins import Plugins
 
 __all__ = ["TRANSITIONS", "DownloadManager", "check_transition", "validate_model_id"]
@@ -109,8 +111,10 @@ class DownloadManager:
         store: DownloadStore,
         bus: EventBus,
         engines: EngineRegistry,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.plugins = plugins
         self.store = store
         self.bus = bus
@@ -127,6 +131,7 @@ class DownloadManager:
         self._last_checkpoint: dict[str, float] = {}
         self._seq = 0
         self._stopping = False
+        self.bucket = TokenBucket(lambda: self.settings.downloads.max_bytes_per_second)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -288,6 +293,49 @@ class DownloadManager:
             log.info("download.purged", model_id=model_id, file_deleted=deleted)
             return rec, deleted
 
+    async def set_priority(self, model_id: str, priority: int) -> DownloadRecord:
+        """Reorder: a queued download with a higher priority starts first."""
+        async with self._locks[model_id]:
+            rec = self.get(model_id)
+            if rec.status in TERMINAL:
+                raise InvalidState(model_id, "reprioritise", rec.status)
+            rec.priority = priority
+            self._persist(rec)
+            log.info("download.priority", model_id=model_id, priority=priority)
+            return rec
+
+    async def set_limit(self, model_id: str, max_bytes_per_second: int) -> DownloadRecord:
+        """Cap one download's bandwidth (0 = unlimited); a running transfer obeys at once."""
+        if max_bytes_per_second < 0:
+            raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        async with self._locks[model_id]:
+            rec = self.get(model_id)
+            if rec.status in TERMINAL:
+                raise InvalidState(model_id, "limit", rec.status)
+            rec.max_bytes_per_second = max_bytes_per_second
+            self._persist(rec)
+            log.info("download.limit", model_id=model_id, max_bytes_per_second=max_bytes_per_second)
+            return rec
+
+    async def apply_settings(self, downloads: DownloadSettings) -> None:
+        """Adopt new ``downloads`` settings at run time, in place so running transfers see
+        them: more slots start queued downloads; fewer send the newest back to the queue."""
+        current = self.settings.downloads
+        for field in msgspec.structs.fields(DownloadSettings):
+            setattr(current, field.name, getattr(downloads, field.name))
+        running = sorted(
+            (self.records[m] for m, p in self._phase.items() if p == "transfer"),
+            key=lambda r: (-r.priority, r.seq),
+        )
+        for rec in running[current.max_concurrent :]:
+            async with self._locks[rec.model_id]:
+                if self._phase.get(rec.model_id) == "transfer":
+                    await self._stop_task(rec.model_id)
+                    if rec.status == "downloading":
+                        self._set_status(rec, "queued")
+        self._schedule()
+        log.info("settings.applied", downloads=msgspec.to_builtins(current))
+
     async def pause(self, model_id: str) -> DownloadRecord:
         async with self._locks[model_id]:
             rec = self.get(model_id)
@@ -341,13 +389,14 @@ class DownloadManager:
 
     # --- scheduling and tasks --------------------------------------------------------------
 
-    def _running(self) -> int:
+    def running(self) -> int:
+        """Transfers holding a download slot now."""
         return sum(1 for phase in self._phase.values() if phase in ("transfer", "finalizing"))
 
     def _schedule(self) -> None:
         if self._stopping:
             return
-        free = self.settings.downloads.max_concurrent - self._running()
+        free = self.settings.downloads.max_concurrent - self.running()
         for rec in self.queue()[: max(free, 0)]:
             self._start_transfer(rec)
 
@@ -394,6 +443,9 @@ class DownloadManager:
                     self.settings.downloads,
                     on_progress=self._on_progress,
                     on_finalizing=lambda: self._phase.__setitem__(model_id, "finalizing"),
+                    shared_bucket=self.bucket,
+                    on_bytes=self._on_bytes,
+                    on_retry=self._on_retry,
                 )
                 try:
                     await transfer.run()
@@ -435,7 +487,8 @@ class DownloadManager:
             else:
                 log.info("engine.created", seconds=round(time.monotonic() - started, 3))
                 self.bus.publish(
-                    EngineCreated(rec.model_id, rec.model_type, rec.engine.inference_engine)
+                    EngineCreated(rec.model_id, rec.model_type, rec.engine.inference_engine,
+                                  seconds=time.monotonic() - started)
                 )
                 self._set_status(rec, "completed")
             self._task_done(rec)
@@ -469,6 +522,14 @@ class DownloadManager:
         if now - self._last_checkpoint.get(rec.model_id, 0.0) >= CHECKPOINT_INTERVAL_S:
             self._last_checkpoint[rec.model_id] = now
             self._persist(rec)
+
+    def _on_bytes(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bytes_received.inc(n)
+
+    def _on_retry(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.retries.labels(reason=reason).inc()
 
     def _persist(self, rec: DownloadRecord) -> None:
         """Save ``rec`` in the background; saves reach the store in call order."""

@@ -48,9 +48,12 @@ class SourceError(KernelError):
 class TransientError(SourceError):
     """A fault that may go away: connection errors, resets, stalls, 5xx, 408, 429."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, reason: str = "network"
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason  # short label for metrics: network, stall, http_503, short_body
 
 
 class PermanentError(SourceError):

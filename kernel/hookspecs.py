@@ -95,5 +95,7 @@ def shutdown(kernel: Any) -> Awaitable[None] | None:
 def register_routes(settings: Settings) -> list[Any]:  # type: ignore[empty-body]
     """Return extra Litestar route handlers (or Routers/Controllers) to mount on the app.
 
-    All plugins contribute. Handlers may declare a ``kernel`` parameter to receive the Kernel.
+    All plugins contribute. A handler receives the Kernel by declaring a parameter
+    ``kernel: KernelDep`` (``from kernel.api.deps import KernelDep``; Litestar 2.23+ needs the
+    explicit marker), and the download manager with ``downloads: Downloads``.
     """

@@ -105,15 +105,17 @@ class Plugins:
         return [r for result in self.pm.hook.register_routes(settings=self.settings) for r in result]
 
     def emit(self, event: Event) -> None:
-        """Tell every observer about ``event``; awaitables run in background tasks."""
-        try:
-            results = self.pm.hook.on_event(event=event)
-        except Exception:
-            log.exception("plugin.on_event_failed", event=type(event).__name__)
-            return
-        for result in results:
+        """Tell every observer about ``event``. Each is called on its own, so one that raises
+        is logged and never hides the event from the rest; awaitables run in background tasks."""
+        for impl in reversed(self.pm.hook.on_event.get_hookimpls()):
+            try:
+                result = impl.function(event=event)
+            except Exception:
+                log.exception("plugin.on_event_failed", plugin=impl.plugin_name,
+                              event_type=type(event).__name__)
+                continue
             if inspect.isawaitable(result):
-                task = asyncio.ensure_future(self._guard(result))
+                task = asyncio.ensure_future(self._guard(result, impl.plugin_name))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
 
@@ -132,8 +134,8 @@ class Plugins:
                 await result
 
     @staticmethod
-    async def _guard(awaitable: Awaitable[None]) -> None:
+    async def _guard(awaitable: Awaitable[None], plugin: str) -> None:
         try:
             await awaitable
         except Exception:
-            log.exception("plugin.on_event_failed")
+            log.exception("plugin.on_event_failed", plugin=plugin)

@@ -25,6 +25,7 @@ import structlog
 
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
+from kernel.throttle import TokenBucket
 from kernel.types import DownloadRecord, Probe, Source
 
 __all__ = ["Transfer", "now_ms"]
@@ -121,6 +122,9 @@ class Transfer:
         *,
         on_progress: Callable[[DownloadRecord], None] = lambda _r: None,
         on_finalizing: Callable[[], None] = lambda: None,
+        shared_bucket: TokenBucket | None = None,
+        on_bytes: Callable[[int], None] = lambda _n: None,
+        on_retry: Callable[[str], None] = lambda _reason: None,
     ) -> None:
         self.rec = record
         self.source = source
@@ -130,6 +134,10 @@ class Transfer:
         self.probe: Probe | None = None
         self.transferred = 0  # bytes received over the network in this run
         self._hasher: Any = None  # running sha256 of the part, when a digest is expected
+        self.on_bytes = on_bytes
+        self.on_retry = on_retry
+        self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
+        self._shared_bucket = shared_bucket
 
     @property
     def expected_sha256(self) -> str | None:
@@ -165,7 +173,9 @@ class Transfer:
         delay = retry.backoff_seconds * 2 ** (rec.attempts - 1) * random.uniform(0.5, 1.0)  # noqa: S311
         if exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
-        log.warning("download.retry", attempt=rec.attempts, delay_s=round(delay, 2), error=exc.message)
+        log.warning("download.retry", attempt=rec.attempts, delay_s=round(delay, 2),
+                    reason=exc.reason, error=exc.message)
+        self.on_retry(exc.reason)
         self.on_progress(rec)
         await asyncio.sleep(min(delay, 300.0))
 
@@ -226,11 +236,13 @@ class Transfer:
                 async for chunk in body.chunks():
                     buffer += chunk
                     self.transferred += len(chunk)
+                    await self._throttle(len(chunk))
                     if rec.total_bytes and part.pos + len(buffer) > rec.total_bytes:
                         raise PermanentError(
                             f"The server sent more bytes than the {rec.total_bytes} it announced."
                         )
                     if len(buffer) >= WRITE_BLOCK or time.monotonic() - flushed_at >= FLUSH_S:
+                        self.on_bytes(len(buffer))
                         await part.write(bytes(buffer))
                         buffer.clear()
                         flushed_at = time.monotonic()
@@ -238,10 +250,12 @@ class Transfer:
                         self.on_progress(rec)
             except (asyncio.CancelledError, TransientError):
                 if buffer:  # keep every byte received: a resume continues after them
+                    self.on_bytes(len(buffer))
                     await part.write(bytes(buffer))
                     rec.downloaded_bytes = part.pos
                 raise
             if buffer:
+                self.on_bytes(len(buffer))
                 await part.write(bytes(buffer))
             rec.downloaded_bytes = part.pos
             self.on_progress(rec)
@@ -251,8 +265,15 @@ class Transfer:
             part.close()
         if rec.total_bytes and rec.downloaded_bytes < rec.total_bytes:
             raise TransientError(
-                f"The connection ended after {rec.downloaded_bytes} of {rec.total_bytes} bytes."
+                f"The connection ended after {rec.downloaded_bytes} of {rec.total_bytes} bytes.",
+                reason="short_body",
             )
+
+    async def _throttle(self, n: int) -> None:
+        if self.rec.max_bytes_per_second:
+            await self._own_bucket.consume(n)
+        if self._shared_bucket is not None:
+            await self._shared_bucket.consume(n)
 
     async def _already_present(self) -> bool:
         """A final file of the right size (and digest, when known) needs no transfer."""
@@ -275,7 +296,9 @@ class Transfer:
         self.on_finalizing()
         rec = self.rec
         if rec.total_bytes and size != rec.total_bytes:
-            raise TransientError(f"The download ended at {size} of {rec.total_bytes} bytes.")
+            raise TransientError(
+                f"The download ended at {size} of {rec.total_bytes} bytes.", reason="short_body"
+            )
         expected = self.expected_sha256
         if expected is not None:
             digest = (

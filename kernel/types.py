@@ -14,6 +14,7 @@ import msgspec
 
 __all__ = [
     "ACTIVE",
+    "STATUSES",
     "TERMINAL",
     "Body",
     "DownloadCreated",
@@ -38,6 +39,9 @@ Status: TypeAlias = Literal[
 DownloadType: TypeAlias = Literal["regular", "startup"]
 ModelType: TypeAlias = Literal["llm", "embedding"]
 
+STATUSES: tuple[str, ...] = (
+    "queued", "downloading", "paused", "creating_engine", "completed", "failed", "cancelled"
+)
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "downloading", "paused", "creating_engine"})
 
@@ -200,6 +204,7 @@ class EngineCreated(msgspec.Struct, frozen=True, tag="engine.created"):
     model_id: str
     model_type: str
     inference_engine: str
+    seconds: float = 0.0
 
 
 Event: TypeAlias = DownloadCreated | DownloadStatus | DownloadProgress | EngineCreated

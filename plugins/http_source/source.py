@@ -47,7 +47,9 @@ def raise_for_status(response: httpx.Response, url: str) -> None:
         return
     if status in (408, 429) or status >= 500:
         raise TransientError(
-            f"The server answered HTTP {status} for {url}.", retry_after=_retry_after(response)
+            f"The server answered HTTP {status} for {url}.",
+            retry_after=_retry_after(response),
+            reason=f"http_{status}",
         )
     if status in (401, 403):
         raise PermanentError(
@@ -60,7 +62,13 @@ def raise_for_status(response: httpx.Response, url: str) -> None:
 
 def _transport_error(exc: httpx.TransportError, url: str) -> TransientError:
     kind = type(exc).__name__
-    return TransientError(f"Network error ({kind}) while fetching {url}: {exc or 'no detail'}")
+    if isinstance(exc, httpx.ReadTimeout):
+        return TransientError(
+            f"No data from {url} for longer than the stall timeout; reconnecting.", reason="stall"
+        )
+    return TransientError(
+        f"Network error ({kind}) while fetching {url}: {exc or 'no detail'}", reason="network"
+    )
 
 
 class HttpBody:

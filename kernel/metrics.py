@@ -1,0 +1,68 @@
+"""Prometheus metrics, built with prometheus-client on a registry of the kernel's own.
+
+Counters and histograms are fed by bus events and transfer callbacks; gauges that describe
+the current state (downloads by status, queue length, active transfers, the throttle) are
+read from the manager when ``/metrics`` is scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kernel.types import STATUSES, DownloadStatus, EngineCreated, Event
+
+if TYPE_CHECKING:
+    from kernel.downloads import DownloadManager
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, float("inf"))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.downloads = Gauge("modelkernel_downloads", "Downloads by status.", ["status"], registry=r)
+        self.bytes_received = Counter(
+            "modelkernel_bytes_received", "Bytes received from sources.", registry=r)
+        self.active_transfers = Gauge(
+            "modelkernel_active_transfers", "Transfers moving bytes now.", registry=r)
+        self.queue_length = Gauge("modelkernel_queue_length", "Downloads waiting for a slot.", registry=r)
+        self.throttle = Gauge(
+            "modelkernel_throttle_bytes_per_second", "Global bandwidth cap (0 = none).", registry=r)
+        self.retries = Counter(
+            "modelkernel_retries", "Transient faults retried, by reason.", ["reason"], registry=r)
+        self.download_duration = Histogram(
+            "modelkernel_download_duration_seconds", "Created to completed.",
+            buckets=DURATION_BUCKETS, registry=r)
+        self.engine_duration = Histogram(
+            "modelkernel_engine_creation_duration_seconds", "Engine creation time.",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, float("inf")), registry=r)
+        self.http_latency = Histogram(
+            "modelkernel_http_request_duration_seconds", "API request latency by route.",
+            ["method", "route", "status"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")), registry=r)
+
+    def observe(self, event: Event) -> None:
+        match event:
+            case DownloadStatus(record=rec) if rec.status == "completed" and rec.end_time:
+                self.download_duration.observe(max(0, rec.end_time - rec.start_time) / 1000)
+            case EngineCreated(seconds=seconds):
+                self.engine_duration.observe(seconds)
+            case _:
+                pass
+
+    def render(self, downloads: DownloadManager) -> bytes:
+        counts = dict.fromkeys(STATUSES, 0)
+        for rec in downloads.records.values():
+            counts[rec.status] += 1
+        for status, count in counts.items():
+            self.downloads.labels(status=status).set(count)
+        self.active_transfers.set(downloads.running())
+        self.queue_length.set(counts["queued"])
+        self.throttle.set(downloads.settings.downloads.max_bytes_per_second)
+        return generate_latest(self.registry)

@@ -1,0 +1,387 @@
+"""The plugin system: entry points, blocking, validation, ordering, and each kind of hook.
+
+Every plugin here is a small real implementation (tests/helpers/fakes.py) on a fresh manager;
+the third-party plugin is installed for real, as a dist-info directory on sys.path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pluggy
+import pytest
+from litestar import get
+from litestar.testing import AsyncTestClient
+from structlog.testing import capture_logs
+
+from kernel import hookimpl
+from kernel.api.app import create_app
+from kernel.api.deps import KernelDep
+from kernel.config import PluginSettings, Settings
+from kernel.core import Kernel
+from kernel.errors import InvalidRequest
+from kernel.plugins import make_plugin_manager
+from kernel.types import TERMINAL, DownloadRecord, DownloadStatus, Event
+from plugins.http_source import HttpSource
+from tests.helpers.fakes import (
+    EventRecorder,
+    MemoryStore,
+    MemoryStorePlugin,
+    MemSourcePlugin,
+    StaticSource,
+    event_name,
+)
+
+StartKernel = Callable[..., Awaitable[Kernel]]
+
+THIRDPARTY_MODULE = "mk_thirdparty_plugin"
+THIRDPARTY_SOURCE = '''
+"""A third-party modelkernel plugin: serves mem:// refs and records every event."""
+
+from __future__ import annotations
+
+from kernel import hookimpl
+from tests.helpers.fakes import StaticSource
+
+FILES = {"x": bytes(range(256)) * 1024 + b"tail"}
+EVENTS = []
+
+
+@hookimpl
+def resolve_source(ref, settings):
+    return StaticSource(ref, FILES) if ref.startswith("mem://") else None
+
+
+@hookimpl
+def on_event(event):
+    EVENTS.append(event)
+'''
+
+
+def blob(size: int) -> bytes:
+    return bytes(i * 7 % 251 for i in range(size))
+
+
+async def wait_status(
+    kernel: Kernel, model_id: str, status: str, timeout: float = 5.0
+) -> DownloadRecord:
+    """Wait on the bus until the download reaches ``status``; fail at the deadline or on
+    another terminal status."""
+    with kernel.bus.subscribe() as events:
+        async with asyncio.timeout(timeout):
+            while (rec := kernel.downloads.get(model_id)).status != status:
+                assert rec.status not in TERMINAL, (rec.status, rec.error_message)
+                await events.get()
+    return rec
+
+
+@pytest.fixture
+async def start_kernel(settings: Settings) -> AsyncIterator[StartKernel]:
+    """Build and start kernels (default: the conftest settings); all are stopped at teardown."""
+    started: list[Kernel] = []
+
+    async def start(kernel_settings: Settings | None = None, /, **kwargs: Any) -> Kernel:
+        kernel = Kernel(kernel_settings or settings, **kwargs)
+        started.append(kernel)
+        await kernel.start()
+        return kernel
+
+    try:
+        yield start
+    finally:
+        for kernel in reversed(started):
+            await kernel.stop()
+
+
+@pytest.fixture
+def thirdparty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Install ``mk_thirdparty_plugin`` with a ``modelkernel`` entry point named thirdparty."""
+    site = tmp_path / "site"
+    dist_info = site / f"{THIRDPARTY_MODULE}-0.1.dist-info"
+    dist_info.mkdir(parents=True)
+    (site / f"{THIRDPARTY_MODULE}.py").write_text(textwrap.dedent(THIRDPARTY_SOURCE))
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: mk-thirdparty-plugin\nVersion: 0.1\n"
+    )
+    entry_points = f"[modelkernel]\nthirdparty = {THIRDPARTY_MODULE}\n"
+    (dist_info / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(site)
+    importlib.invalidate_caches()
+    try:
+        yield site
+    finally:
+        sys.modules.pop(THIRDPARTY_MODULE, None)
+
+
+# --- entry points and blocking ---------------------------------------------------------------
+
+
+async def test_entry_point_plugin_is_discovered_and_used(
+    thirdparty: Path, settings: Settings, start_kernel: StartKernel
+) -> None:
+    kernel = await start_kernel(settings)
+    assert {"thirdparty", "http_source", "sqlite_store"} <= set(kernel.plugins.names())
+    module = sys.modules[THIRDPARTY_MODULE]
+
+    await kernel.downloads.create(model_id="third", url="mem://x")
+    done = await wait_status(kernel, "third", "completed")
+
+    assert Path(done.local_path).read_bytes() == module.FILES["x"]
+    assert Path(done.local_path).name == "x"
+    assert done.total_bytes == done.downloaded_bytes == len(module.FILES["x"])
+    seen = [(event_name(e), e.record.status) for e in module.EVENTS]
+    assert seen[0] == ("download.created", "queued")
+    assert ("download.status", "downloading") in seen
+    assert ("download.status", "completed") in seen
+
+
+@pytest.mark.parametrize("how", ["settings", "env"])
+async def test_disabled_entry_point_plugin_is_not_loaded(
+    how: str,
+    thirdparty: Path,
+    settings: Settings,
+    start_kernel: StartKernel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if how == "settings":
+        settings = msgspec.structs.replace(settings, plugins=PluginSettings(disable=["thirdparty"]))
+    else:
+        monkeypatch.setenv("MODELKERNEL_DISABLE_PLUGINS", "nothing-here, thirdparty")
+    kernel = await start_kernel(settings)
+
+    assert "thirdparty" not in kernel.plugins.names()
+    assert "http_source" in kernel.plugins.names()
+    assert THIRDPARTY_MODULE not in sys.modules  # blocked before it was even imported
+    with pytest.raises(InvalidRequest) as excinfo:
+        await kernel.downloads.create(model_id="third", url="mem://x")
+    assert excinfo.value.param == "url"
+    assert kernel.downloads.records == {}
+
+
+def test_each_plugin_manager_is_fresh() -> None:
+    first = make_plugin_manager(load_entrypoints=False, extra=[EventRecorder()])
+    second = make_plugin_manager(load_entrypoints=False)
+    assert first is not second
+    assert len(first.hook.on_event.get_hookimpls()) == 1
+    assert second.hook.on_event.get_hookimpls() == []
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+class MisspeltHook:
+    @hookimpl
+    def resolve_sorce(self, ref: str, settings: Settings) -> None:
+        return None
+
+
+class UnknownArgument:
+    @hookimpl
+    def resolve_source(self, ref: str, settings: Settings, timeout: float) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("plugin", "match"),
+    [(MisspeltHook(), "resolve_sorce"), (UnknownArgument(), "timeout")],
+    ids=["misspelt-hook", "unknown-argument"],
+)
+def test_a_bad_hookimpl_fails_when_the_manager_is_made(plugin: object, match: str) -> None:
+    with pytest.raises(pluggy.PluginValidationError, match=match):
+        make_plugin_manager(load_entrypoints=False, extra=[plugin])
+
+
+def test_a_misspelt_hookimpl_fails_kernel_construction(settings: Settings) -> None:
+    with pytest.raises(pluggy.PluginValidationError, match="resolve_sorce"):
+        Kernel(settings, load_entrypoints=False, extra_plugins=[MisspeltHook()])
+
+
+# --- resolve_source ordering -------------------------------------------------------------------
+
+
+class HttpMirrorPlugin:
+    """Claims http(s) URLs ahead of everyone, serving them from a dict keyed by URL."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    @hookimpl(tryfirst=True)
+    def resolve_source(self, ref: str, settings: Settings) -> StaticSource | None:
+        return StaticSource(ref, self.files) if ref.startswith(("http://", "https://")) else None
+
+
+class LateHttpClaimer:
+    """Registered after the mirror (so pluggy would call it first) but not tryfirst."""
+
+    @hookimpl
+    def resolve_source(self, ref: str, settings: Settings) -> StaticSource | None:
+        return StaticSource(ref, {}, validator='"late"') if ref.startswith("http") else None
+
+
+def test_builtin_http_source_claims_http_urls_by_default(settings: Settings) -> None:
+    kernel = Kernel(settings, load_entrypoints=False)
+    assert isinstance(kernel.plugins.resolve_source("https://example.invalid/a.bin"), HttpSource)
+    with pytest.raises(InvalidRequest) as excinfo:
+        kernel.plugins.resolve_source("mem://x")
+    assert excinfo.value.param == "url"
+
+
+async def test_tryfirst_source_plugin_wins_over_builtin_http_source(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    url = "https://example.invalid/models/tiny.bin"
+    data = blob(200_000)
+    kernel = await start_kernel(
+        settings,
+        load_entrypoints=False,
+        extra_plugins=[HttpMirrorPlugin({url: data}), LateHttpClaimer()],
+    )
+    source = kernel.plugins.resolve_source(url)
+    assert isinstance(source, StaticSource) and source.validator == '"v1"'
+
+    await kernel.downloads.create(model_id="tiny", url=url)
+    done = await wait_status(kernel, "tiny", "completed")
+    assert Path(done.local_path).read_bytes() == data
+    assert Path(done.local_path).name == "tiny.bin"
+
+
+# --- open_store -------------------------------------------------------------------------------
+
+
+async def test_store_plugin_replaces_the_trylast_sqlite_store(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    store = MemoryStore()
+    files = {"weights.bin": blob(150_000)}
+    plugins = [MemoryStorePlugin(store), MemSourcePlugin(files)]
+    kernel = await start_kernel(settings, load_entrypoints=False, extra_plugins=plugins)
+    assert "sqlite_store" in kernel.plugins.names()  # loaded, but it answers last
+    assert kernel.store is store
+
+    await kernel.downloads.create(model_id="stored", url="mem://weights.bin")
+    await wait_status(kernel, "stored", "completed")
+    await kernel.stop()
+
+    assert store.closed
+    saved = store.get("stored")
+    assert saved is not None and saved.status == "completed"
+    assert saved.downloaded_bytes == len(files["weights.bin"])
+    assert not (Path(settings.storage.state_dir) / "modelkernel.db").exists()
+
+    again = await start_kernel(settings, load_entrypoints=False, extra_plugins=plugins)
+    assert again.downloads.get("stored").status == "completed"
+
+
+# --- on_event ----------------------------------------------------------------------------------
+
+
+class ExplodingObserver:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def on_event(self, event: Event) -> None:
+        self.calls += 1
+        raise RuntimeError("observer bug")
+
+
+class AsyncObserver:
+    """Returns a coroutine from the (synchronous) hook; only the kernel awaiting it records."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.completed = asyncio.Event()
+
+    @hookimpl
+    def on_event(self, event: Event) -> Awaitable[None]:
+        return self._record(event)
+
+    async def _record(self, event: Event) -> None:
+        await asyncio.sleep(0)
+        self.seen.append(event_name(event))
+        if isinstance(event, DownloadStatus) and event.record.status == "completed":
+            self.completed.set()
+
+
+async def test_a_raising_observer_is_logged_and_the_download_still_completes(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    exploding = ExplodingObserver()
+    files = {"w.bin": blob(100_000)}
+    kernel = await start_kernel(
+        settings, load_entrypoints=False, extra_plugins=[MemSourcePlugin(files), exploding]
+    )
+    with capture_logs() as logs:
+        await kernel.downloads.create(model_id="obs", url="mem://w.bin")
+        done = await wait_status(kernel, "obs", "completed")
+    assert Path(done.local_path).read_bytes() == files["w.bin"]
+    assert exploding.calls >= 3  # created, downloading, completed
+    failures = [e for e in logs if e["event"] == "plugin.on_event_failed"]
+    assert len(failures) == exploding.calls
+    assert all(e["log_level"] == "error" for e in failures)
+
+
+async def test_a_raising_observer_does_not_hide_events_from_other_observers(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    recorder = EventRecorder()
+    files = {"w.bin": blob(10_000)}
+    # Registered last, so pluggy calls the exploding observer before the recorder.
+    plugins = [MemSourcePlugin(files), recorder, ExplodingObserver()]
+    kernel = await start_kernel(settings, load_entrypoints=False, extra_plugins=plugins)
+    with capture_logs():
+        await kernel.downloads.create(model_id="obs", url="mem://w.bin")
+        await wait_status(kernel, "obs", "completed")
+    assert recorder.names()[:1] == ["download.created"]
+
+
+async def test_an_observer_returning_a_coroutine_is_awaited(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    observer, recorder = AsyncObserver(), EventRecorder()
+    files = {"w.bin": blob(100_000)}
+    kernel = await start_kernel(
+        settings,
+        load_entrypoints=False,
+        extra_plugins=[MemSourcePlugin(files), recorder, observer],
+    )
+    await kernel.downloads.create(model_id="async", url="mem://w.bin")
+    await wait_status(kernel, "async", "completed")
+    async with asyncio.timeout(5):
+        await observer.completed.wait()
+    assert observer.seen[0] == "download.created"
+    assert "download.status" in observer.seen
+    assert recorder.names()[0] == "download.created"
+
+
+# --- register_routes ---------------------------------------------------------------------------
+
+
+class HelloRoutes:
+    @hookimpl
+    def register_routes(self, settings: Settings) -> list[Any]:
+        @get("/hello")
+        async def hello(kernel: KernelDep) -> dict[str, Any]:
+            return {"hello": "world", "plugins": kernel.plugins.names()}
+
+        return [hello]
+
+
+async def test_plugin_routes_are_served_by_the_app(settings: Settings) -> None:
+    kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[HelloRoutes()])
+    async with AsyncTestClient(app=create_app(kernel)) as client:
+        assert kernel.started
+        response = await client.get("/hello")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["hello"] == "world"
+        assert "http_source" in body["plugins"]
+        assert (await client.get("/health")).status_code == 200
+    assert not kernel.started
