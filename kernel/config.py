@@ -75,6 +75,7 @@ class DownloadSettings(_Section):
 class AuthSettings(_Section):
     require_api_key: bool = False
     api_keys: list[str] = msgspec.field(default_factory=list)
+    metrics_public: bool = False  # serve /metrics without a key
 
 
 class CorsSettings(_Section):

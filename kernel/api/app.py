@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, Router, get
+from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
@@ -15,16 +15,11 @@ from kernel import __version__
 from kernel.api.downloads import DownloadsController
 from kernel.api.edge import Edge
 from kernel.api.errors import handle_error
-from kernel.api.schemas import Health
+from kernel.api.system import SettingsController, SystemController
 from kernel.core import Kernel
 from kernel.downloads import DownloadManager
 
 __all__ = ["App", "create_app"]
-
-
-@get("/health", summary="Liveness", tags=["health"])
-async def health() -> Health:
-    return Health(status="ok", version=__version__)
 
 
 class App(Litestar):
@@ -55,12 +50,12 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
     def provide_kernel() -> Kernel:
         return kernel
 
-    api = [DownloadsController]
+    api = [DownloadsController, SettingsController]
     app = App(
         route_handlers=[
             Router(path="/v1", route_handlers=api),
             Router(path="/", route_handlers=api),
-            health,
+            SystemController,
             *kernel.plugins.routes(),
         ],
         dependencies={
@@ -77,5 +72,5 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
         ),
         logging_config=None,
     )
-    app.edge = Edge(kernel.settings)
+    app.edge = Edge(kernel.settings, kernel.metrics)
     return app

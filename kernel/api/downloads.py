@@ -19,7 +19,9 @@ from kernel.api.schemas import (
     DownloadList,
     EngineCreation,
     FailedCancellation,
+    LimitRequest,
     ListSummary,
+    PriorityRequest,
     PurgeResult,
 )
 from kernel.api.deps import Downloads
@@ -186,6 +188,20 @@ class DownloadsController(Controller):
     async def resume(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
         await downloads.resume(_path_id(model_id))
         return ActionResult(success=True, message="Download resumed successfully", model_id=model_id)
+
+    @post("/{model_id:str}/priority", status_code=200, summary="Reorder the queue")
+    async def priority(
+        self, model_id: FromPath[str], data: JSONBody[PriorityRequest], downloads: Downloads
+    ) -> Download:
+        rec = await downloads.set_priority(_path_id(model_id), data.priority)
+        return _view(downloads, rec, detail=True, now=now_ms())
+
+    @post("/{model_id:str}/limit", status_code=200, summary="Cap one download's bandwidth")
+    async def limit(
+        self, model_id: FromPath[str], data: JSONBody[LimitRequest], downloads: Downloads
+    ) -> Download:
+        rec = await downloads.set_limit(_path_id(model_id), data.max_bytes_per_second)
+        return _view(downloads, rec, detail=True, now=now_ms())
 
     @staticmethod
     async def _cancel(model_id: FromPath[str], downloads: Downloads) -> CancelResult:

@@ -7,11 +7,15 @@ the CORS headers too, and an OPTIONS preflight on any path answers 204 without a
 from __future__ import annotations
 
 import hmac
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from kernel.config import Settings
+
+if TYPE_CHECKING:
+    from kernel.metrics import Metrics
 
 __all__ = ["EXEMPT_PATHS", "Edge"]
 
@@ -23,10 +27,12 @@ Scope = dict[str, Any]
 
 
 class Edge:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.origins = settings.cors.allowed_origins
         self.require_key = settings.auth.require_api_key
         self.keys = [k.encode() for k in settings.auth.api_keys]
+        self.exempt = EXEMPT_PATHS | ({"/metrics"} if settings.auth.metrics_public else set())
+        self.metrics = metrics
 
     def cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         if "*" in self.origins:
@@ -44,7 +50,7 @@ class Edge:
         ]
 
     def authorized(self, scope: Scope) -> bool:
-        if not self.require_key or scope["path"] in EXEMPT_PATHS:
+        if not self.require_key or scope["path"] in self.exempt:
             return True
         key = _header(scope, b"x-api-key")
         if key is None:
@@ -76,12 +82,24 @@ class Edge:
                                           (b"www-authenticate", b"Bearer")])
             return
 
+        started = time.perf_counter()
+        status = 500
+
         async def send_with_cors(message: dict[str, Any]) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), *cors]
             await send(message)
 
-        await app(scope, receive, send_with_cors)
+        try:
+            await app(scope, receive, send_with_cors)
+        finally:
+            if self.metrics is not None:
+                route = scope.get("path_template") or "unmatched"
+                self.metrics.http_latency.labels(
+                    method=scope["method"], route=route, status=str(status)
+                ).observe(time.perf_counter() - started)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -8,7 +8,7 @@ A field "present only when..." defaults to ``UNSET`` (omitted from the JSON); JS
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -31,7 +31,10 @@ __all__ = [
     "ErrorDetail",
     "FailedCancellation",
     "Health",
+    "LimitRequest",
     "ListSummary",
+    "PriorityRequest",
+    "Readiness",
     "PurgeResult",
     "Progress",
     "Timing",
@@ -308,6 +311,19 @@ class EngineCreationRequest(_Request):
             inference_engine=self.inference_engine,
             loading_parameters=self.loading_parameters,
         )
+
+
+class PriorityRequest(_Request):
+    priority: int
+
+
+class LimitRequest(_Request):
+    max_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Readiness(_Wire):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
 
 
 class CreateDownload(_Request):

@@ -1,0 +1,78 @@
+"""Operator endpoints: health, readiness, metrics, runtime settings."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from typing import Any
+
+from litestar import Controller, Response, get, patch
+from litestar.params import JSONBody
+
+from kernel import __version__
+from kernel.api.deps import KernelDep
+from kernel.api.schemas import Health, Readiness
+from kernel.config import DownloadSettings
+from kernel.errors import InvalidRequest
+from kernel.metrics import CONTENT_TYPE
+
+__all__ = ["MIN_FREE_BYTES", "SettingsController", "SystemController"]
+
+MIN_FREE_BYTES = 256 << 20  # readiness fails below this much free disk in models_dir
+
+
+class SystemController(Controller):
+    tags = ["system"]
+
+    @get("/health", summary="Liveness (no auth)")
+    async def health(self) -> Health:
+        return Health(status="ok", version=__version__)
+
+    @get("/health/ready", summary="Readiness: store, models_dir writable, free disk")
+    async def ready(self, kernel: KernelDep) -> Response[Readiness]:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(kernel.store.get_meta("readiness-probe"), timeout=2)
+            checks["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any store failure means not ready
+            checks["store"] = f"unreachable: {exc or type(exc).__name__}"
+        models_dir = kernel.settings.storage.models_dir
+        writable = await asyncio.to_thread(os.access, models_dir, os.W_OK)
+        checks["models_dir"] = "ok" if writable else f"{models_dir} is not writable"
+        free = (await asyncio.to_thread(shutil.disk_usage, models_dir)).free
+        checks["disk"] = (
+            "ok" if free >= MIN_FREE_BYTES
+            else f"only {free} bytes free in {models_dir} (need {MIN_FREE_BYTES})"
+        )
+        ready = all(value == "ok" for value in checks.values())
+        body = Readiness(status="ready" if ready else "not_ready", checks=checks)
+        return Response(body, status_code=200 if ready else 503)
+
+    @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
+    async def metrics(self, kernel: KernelDep) -> Response[bytes]:
+        return Response(kernel.metrics.render(kernel.downloads), media_type=CONTENT_TYPE)
+
+
+class SettingsController(Controller):
+    path = "/settings"
+    tags = ["settings"]
+
+    @get("/", summary="The downloads settings in force")
+    async def get_settings(self, kernel: KernelDep) -> dict[str, DownloadSettings]:
+        return {"downloads": kernel.settings.downloads}
+
+    @patch("/", status_code=200, summary="Change downloads settings at run time (persisted)")
+    async def patch_settings(
+        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
+    ) -> dict[str, DownloadSettings]:
+        unknown = set(data) - {"downloads"}
+        if unknown:
+            raise InvalidRequest(
+                f"Only the downloads section can change at run time, not {sorted(unknown)[0]!r}.",
+                param=sorted(unknown)[0],
+            )
+        section = data.get("downloads", {})
+        if not isinstance(section, dict):
+            raise InvalidRequest("downloads must be an object.", param="downloads")
+        return {"downloads": await kernel.update_download_settings(section)}
