@@ -26,6 +26,7 @@ __all__ = [
     "HubSettings",
     "ModelEntry",
     "PluginSettings",
+    "RateLimitSettings",
     "RetrySettings",
     "ServerSettings",
     "Settings",
@@ -72,10 +73,17 @@ class DownloadSettings(_Section):
     retention_days: NonNegativeInt = 0  # 0 = keep ended records forever
 
 
+class RateLimitSettings(_Section):
+    max_requests: Annotated[int, msgspec.Meta(ge=1)] = 600
+    window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+
+
 class AuthSettings(_Section):
     require_api_key: bool = False
     api_keys: list[str] = msgspec.field(default_factory=list)
     metrics_public: bool = False  # serve /metrics without a key
+    rate_limit: RateLimitSettings | None = None  # per client address; None = no limit
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
 
 
 class CorsSettings(_Section):

@@ -89,6 +89,17 @@ def validate_model_id(model_id: str, *, param: str = "model_id", code: str | Non
         )
 
 
+MAX_URL_LENGTH = 8192
+
+
+def validate_url(url: str, *, param: str = "url") -> None:
+    """Bounded length, no control characters. Which schemes work is up to the source plugins."""
+    if not url or len(url) > MAX_URL_LENGTH:
+        raise InvalidRequest(f"The URL must be 1 to {MAX_URL_LENGTH} characters long.", param=param)
+    if any(unicodedata.category(c)[0] == "C" for c in url):
+        raise InvalidRequest("The URL contains control characters.", param=param)
+
+
 def validate_filename(name: str, *, param: str = "filename") -> str:
     """A single path component that cannot escape its directory: rejected, never rewritten."""
     if (
@@ -223,11 +234,18 @@ class DownloadManager:
         max_bytes_per_second: int = 0,
     ) -> DownloadRecord:
         validate_model_id(model_id)
+        validate_url(url)
         if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise InvalidRequest("sha256 must be 64 hexadecimal characters.", param="sha256")
         if max_bytes_per_second < 0:
             raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
         source = self.plugins.resolve_source(url)
+        resolve_filename = getattr(source, "resolve_filename", None)
+        if resolve_filename is not None:
+            # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf": it
+            # lists the repository); its ref then names that one file, and the record keeps it.
+            filename = await resolve_filename(filename)
+            url = source.ref
         name = validate_filename(filename) if filename else _default_filename(source, model_id)
         if engine is not None:
             self.engines.validate(engine)
@@ -251,12 +269,24 @@ class DownloadManager:
                 expected_sha256=sha256.lower() if sha256 else None,
                 max_bytes_per_second=max_bytes_per_second,
             )
+            await self._adopt_or_drop_part(rec, existing)
             self.records[model_id] = rec
             self._persist(rec)
             self.bus.publish(DownloadCreated(_snapshot(rec)))
             log.info("download.created", model_id=model_id, url=url, path=rec.local_path)
             self._schedule()
             return rec
+
+    async def _adopt_or_drop_part(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
+        """A ``.part`` left by the ended download this one replaces is continued when it is the
+        same file (same URL and path: its validator guards the resume); any other ``.part`` at
+        this path is someone else's bytes and is removed, so two files are never spliced."""
+        if old is not None and old.url == rec.url and old.local_path == rec.local_path and old.validator:
+            rec.validator = old.validator
+            rec.total_bytes = old.total_bytes
+            return
+        if await asyncio.to_thread(_remove, rec.part_path):
+            log.info("download.stale_part_removed", path=rec.part_path)
 
     async def ensure_startup(
         self, model_id: str, url: str, model_type: ModelType, engine: EngineSpec

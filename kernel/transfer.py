@@ -14,7 +14,9 @@ file always ends on a chunk boundary the counters agree with.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import shutil
 import os
 import random
 import time
@@ -36,6 +38,10 @@ WRITE_BLOCK = 4 << 20  # bytes gathered before one write() in a worker thread
 FLUSH_S = 0.25  # ...or after this long, so progress and pause lose nothing on slow links
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (1, 2, 3)
+# The write and disk layers: one seam each for fault-injection tests (ENOSPC, a full disk).
+_pwrite = os.pwrite
+_disk_usage = shutil.disk_usage
 
 
 def now_ms() -> int:
@@ -61,7 +67,7 @@ class _PartFile:
     def _write(self, data: bytes, pos: int) -> None:
         view = memoryview(data)
         while view:
-            written = os.pwrite(self.fd, view, pos)
+            written = _pwrite(self.fd, view, pos)
             view = view[written:]
             pos += written
         if self.hasher is not None:
@@ -75,6 +81,13 @@ class _PartFile:
         except asyncio.CancelledError:
             await asyncio.wait({self._pending})  # let the write land before the file is touched
             raise
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise PermanentError(
+                    f"The disk is full ({os.path.dirname(self.path)}): free some space, then "
+                    "start the download again; it continues from the partial file, which is kept."
+                ) from exc
+            raise PermanentError(f"Cannot write {self.path}: {exc.strerror}.") from exc
         self.pos += len(data)
 
     async def sync_and_close(self) -> None:
@@ -206,6 +219,8 @@ class Transfer:
             raise ValidatorChanged("The partial file is larger than the remote file.")
         if rec.total_bytes and offset == rec.total_bytes:
             return await self._finish(offset)
+        if rec.total_bytes:
+            await self._check_free_space(rec.total_bytes - offset)
         body = await self.source.open(offset, rec.validator or probe.validator if offset else None)
         try:
             if body.start != offset:
@@ -269,6 +284,15 @@ class Transfer:
                 reason="short_body",
             )
 
+    async def _check_free_space(self, needed: int) -> None:
+        directory = os.path.dirname(self.rec.local_path) or "."
+        free = (await asyncio.to_thread(_disk_usage, directory)).free
+        if free < needed:
+            raise PermanentError(
+                f"Not enough disk space in {directory}: the download needs {needed} more bytes "
+                f"but only {free} are free ({needed - free} missing)."
+            )
+
     async def _throttle(self, n: int) -> None:
         if self.rec.max_bytes_per_second:
             await self._own_bucket.consume(n)
@@ -323,16 +347,20 @@ class Transfer:
     async def _check_gguf(self) -> None:
         path = self.rec.part_path
 
-        def magic() -> bytes:
+        def header() -> bytes:
             with open(path, "rb") as f:
-                return f.read(4)
+                return f.read(8)
 
-        if await asyncio.to_thread(magic) != GGUF_MAGIC:
+        head = await asyncio.to_thread(header)
+        problem = None
+        if head[:4] != GGUF_MAGIC:
+            problem = "bad magic number"
+        elif int.from_bytes(head[4:8], "little") not in GGUF_VERSIONS:
+            problem = f"unsupported GGUF version {int.from_bytes(head[4:8], 'little')}"
+        if problem is not None:
             await asyncio.to_thread(_remove, path)
             self.rec.downloaded_bytes = 0
-            raise PermanentError(
-                "The downloaded file is not a GGUF model (bad magic number); it was removed."
-            )
+            raise PermanentError(f"The downloaded file is not a valid GGUF model ({problem}); it was removed.")
 
 
 def _remove(path: str) -> None:

@@ -189,7 +189,7 @@ async def test_gguf_file_without_magic_fails(client: Any, origin: Origin) -> Non
     url = origin.add_file("fake.gguf", b"NOPE" + blob(1000, 23))
     await create(client, "fakegguf", url)
     failed = await wait_status(client, "fakegguf", "failed")
-    assert "not a GGUF" in failed["error_message"]
+    assert "not a valid GGUF model (bad magic number)" in failed["error_message"]
     assert not os.path.exists(failed["local_path"])
 
 

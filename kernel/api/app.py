@@ -71,6 +71,7 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
             render_plugins=[RedocRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
         ),
         logging_config=None,
+        request_max_body_size=kernel.settings.auth.max_body_bytes,
     )
     app.edge = Edge(kernel.settings, kernel.metrics)
     return app

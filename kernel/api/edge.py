@@ -7,6 +7,7 @@ the CORS headers too, and an OPTIONS preflight on any path answers 204 without a
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from kernel.config import Settings
 if TYPE_CHECKING:
     from kernel.metrics import Metrics
 
-__all__ = ["EXEMPT_PATHS", "Edge"]
+__all__ = ["EXEMPT_PATHS", "Edge", "RateLimiter"]
 
 EXEMPT_PATHS = frozenset({"/health"})
 ALLOW_METHODS = b"GET, POST, DELETE, PATCH, OPTIONS"
@@ -33,6 +34,8 @@ class Edge:
         self.keys = [k.encode() for k in settings.auth.api_keys]
         self.exempt = EXEMPT_PATHS | ({"/metrics"} if settings.auth.metrics_public else set())
         self.metrics = metrics
+        limit = settings.auth.rate_limit
+        self.limiter = RateLimiter(limit.max_requests, limit.window_s) if limit else None
 
     def cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         if "*" in self.origins:
@@ -73,11 +76,22 @@ class Edge:
         if scope["method"] == "OPTIONS":
             await _send(send, 204, b"", cors)
             return
+        if self.limiter is not None and scope["path"] not in EXEMPT_PATHS:
+            client = (scope.get("client") or ("unknown", 0))[0]
+            retry_after = self.limiter.hit(client)
+            if retry_after is not None:
+                body = _error_body(
+                    "Too many requests: slow down and retry after the Retry-After delay.",
+                    "rate_limit_error", "rate_limit_exceeded",
+                )
+                await _send(send, 429, body, [*cors, (b"content-type", b"application/json"),
+                                              (b"retry-after", str(retry_after).encode())])
+                return
         if not self.authorized(scope):
-            body = msgspec.json.encode({"error": {
-                "message": "Invalid or missing API key: send X-API-Key or Authorization: Bearer.",
-                "type": "authentication_error", "param": None, "code": "invalid_api_key",
-            }})
+            body = _error_body(
+                "Invalid or missing API key: send X-API-Key or Authorization: Bearer.",
+                "authentication_error", "invalid_api_key",
+            )
             await _send(send, 401, body, [*cors, (b"content-type", b"application/json"),
                                           (b"www-authenticate", b"Bearer")])
             return
@@ -100,6 +114,36 @@ class Edge:
                 self.metrics.http_latency.labels(
                     method=scope["method"], route=route, status=str(status)
                 ).observe(time.perf_counter() - started)
+
+
+class RateLimiter:
+    """Fixed windows per client: at most ``max_requests`` in each ``window_s``."""
+
+    def __init__(self, max_requests: int, window_s: float) -> None:
+        self.max_requests = max_requests
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def hit(self, client: str) -> int | None:
+        """Count one request; None if allowed, else whole seconds until the window resets."""
+        now = time.monotonic()
+        start, count = self._windows.get(client, (now, 0))
+        if now - start >= self.window_s:
+            start, count = now, 0
+        if count >= self.max_requests:
+            return max(1, math.ceil(start + self.window_s - now))
+        self._windows[client] = (start, count + 1)
+        if len(self._windows) > 10_000:  # forget idle clients; memory stays bounded
+            self._windows = {
+                c: w for c, w in self._windows.items() if now - w[0] < self.window_s
+            }
+        return None
+
+
+def _error_body(message: str, type_: str, code: str) -> bytes:
+    return msgspec.json.encode(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    )
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
