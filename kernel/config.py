@@ -142,6 +142,16 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _env_value(raw: str) -> Any:
+    """Lists and mappings are parsed as YAML; scalars stay text and are converted to the
+    field's type by the lax conversion, so ``models_dir=2024`` stays the string "2024"."""
+    try:
+        parsed = yaml.safe_load(raw) if raw else raw
+    except yaml.YAMLError:
+        return raw
+    return parsed if isinstance(parsed, (dict, list)) else raw
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -153,12 +163,12 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"Environment variable {name} overrides a non-section key.")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw) if raw else raw
+        node[keys[-1]] = _env_value(raw)
 
 
 def settings_from_dict(data: Mapping[str, Any]) -> Settings:
     try:
-        return msgspec.convert(dict(data), Settings)
+        return msgspec.convert(dict(data), Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"Invalid configuration: {exc}") from exc
 
@@ -179,6 +189,9 @@ def load_settings(
         *parents, last = dotted.split(".")
         node = data
         for key in parents:
-            node = node.setdefault(key, {})
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"Cannot set {dotted}: {key!r} is not a section in the config.")
+            node = child
         node[last] = value
     return settings_from_dict(data)

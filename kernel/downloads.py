@@ -80,7 +80,7 @@ def check_transition(old: str, new: str) -> None:
 
 
 def validate_model_id(model_id: str, *, param: str = "model_id", code: str | None = None) -> None:
-    if not MODEL_ID.match(model_id):
+    if not MODEL_ID.fullmatch(model_id):
         raise InvalidRequest(
             f"Invalid model ID {model_id[:140]!r}: use 1-128 letters, digits and . _ : @ + - "
             "starting with a letter or digit.",
