@@ -55,16 +55,16 @@ class _PartFile:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         os.ftruncate(self.fd, offset)
-        self.pos = offset
+        self.pos = offset  # bytes known to be on disk
+        self.issued = offset  # bytes handed to writes, landed or not
         self.hasher = hashlib.sha256() if hashing else None
-        self._pending: asyncio.Future[None] | None = None
 
     async def hash_existing(self) -> None:
         if self.hasher is None or self.pos == 0:
             return
         await asyncio.to_thread(_hash_file_into, self.path, self.pos, self.hasher)
 
-    def _write(self, data: bytes, pos: int) -> None:
+    def _write(self, data: bytes | memoryview, pos: int) -> None:
         view = memoryview(data)
         while view:
             written = _pwrite(self.fd, view, pos)
@@ -73,13 +73,20 @@ class _PartFile:
         if self.hasher is not None:
             self.hasher.update(data)
 
-    async def write(self, data: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(None, self._write, data, self.pos)
+    def submit(self, data: bytes | memoryview) -> asyncio.Future[None]:
+        """Start writing ``data`` after everything submitted so far, in a worker thread."""
+        pos, self.issued = self.issued, self.issued + len(data)
+        return asyncio.get_running_loop().run_in_executor(None, self._write, data, pos)
+
+    async def complete(self, pending: asyncio.Future[None], size: int) -> None:
+        """Wait for a submitted write. A cancelled caller still waits for the bytes to land,
+        so the file never changes after the task has stopped."""
         try:
-            await asyncio.shield(self._pending)
+            await asyncio.shield(pending)
         except asyncio.CancelledError:
-            await asyncio.wait({self._pending})  # let the write land before the file is touched
+            await asyncio.wait({pending})
+            if not pending.exception():
+                self.pos += size
             raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -88,7 +95,10 @@ class _PartFile:
                     "start the download again; it continues from the partial file, which is kept."
                 ) from exc
             raise PermanentError(f"Cannot write {self.path}: {exc.strerror}.") from exc
-        self.pos += len(data)
+        self.pos += size
+
+    async def write(self, data: bytes) -> None:
+        await self.complete(self.submit(data), len(data))
 
     async def sync_and_close(self) -> None:
         await asyncio.to_thread(os.fsync, self.fd)
@@ -245,33 +255,10 @@ class Transfer:
         part = _PartFile(rec.part_path, offset, hashing=self.expected_sha256 is not None)
         try:
             await part.hash_existing()
-            buffer = bytearray()
-            flushed_at = time.monotonic()
-            try:
-                async for chunk in body.chunks():
-                    buffer += chunk
-                    self.transferred += len(chunk)
-                    await self._throttle(len(chunk))
-                    if rec.total_bytes and part.pos + len(buffer) > rec.total_bytes:
-                        raise PermanentError(
-                            f"The server sent more bytes than the {rec.total_bytes} it announced."
-                        )
-                    if len(buffer) >= WRITE_BLOCK or time.monotonic() - flushed_at >= FLUSH_S:
-                        self.on_bytes(len(buffer))
-                        await part.write(bytes(buffer))
-                        buffer.clear()
-                        flushed_at = time.monotonic()
-                        rec.downloaded_bytes = part.pos
-                        self.on_progress(rec)
-            except (asyncio.CancelledError, TransientError):
-                if buffer:  # keep every byte received: a resume continues after them
-                    self.on_bytes(len(buffer))
-                    await part.write(bytes(buffer))
-                    rec.downloaded_bytes = part.pos
-                raise
-            if buffer:
-                self.on_bytes(len(buffer))
-                await part.write(bytes(buffer))
+            if hasattr(body, "readinto"):
+                await self._stream_blocks(body, part)
+            else:
+                await self._stream_chunks(body, part)
             rec.downloaded_bytes = part.pos
             self.on_progress(rec)
             self._hasher = part.hasher
@@ -283,6 +270,76 @@ class Transfer:
                 f"The connection ended after {rec.downloaded_bytes} of {rec.total_bytes} bytes.",
                 reason="short_body",
             )
+
+    def _read_cap(self) -> int:
+        """Bytes to read before throttling: a flush interval's worth of the tightest cap."""
+        shared = self.settings.max_bytes_per_second if self._shared_bucket is not None else 0
+        caps = [cap for cap in (self.rec.max_bytes_per_second, shared) if cap > 0]
+        return max(64 * 1024, int(min(caps) * FLUSH_S)) if caps else WRITE_BLOCK
+
+    async def _stream_blocks(self, body: Any, part: _PartFile) -> None:
+        """The lean path: the source reads straight into one of two block buffers while the
+        other is written by a worker thread, so network and disk overlap with no per-chunk
+        objects in between."""
+        rec = self.rec
+        blocks = (bytearray(WRITE_BLOCK), bytearray(WRITE_BLOCK))
+        which = 0
+        inflight: tuple[asyncio.Future[None], int] | None = None
+        try:
+            while True:
+                view = memoryview(blocks[which])[: self._read_cap()]
+                n = await body.readinto(view)
+                if n == 0:
+                    break
+                if rec.total_bytes and part.issued + n > rec.total_bytes:
+                    raise PermanentError(
+                        f"The server sent more bytes than the {rec.total_bytes} it announced."
+                    )
+                self.transferred += n
+                self.on_bytes(n)
+                if inflight is not None:
+                    await part.complete(*inflight)
+                    inflight = None
+                    rec.downloaded_bytes = part.pos
+                    self.on_progress(rec)
+                inflight = (part.submit(view[:n]), n)
+                which ^= 1
+                await self._throttle(n)
+        finally:
+            if inflight is not None:
+                await part.complete(*inflight)
+            rec.downloaded_bytes = part.pos
+
+    async def _stream_chunks(self, body: Any, part: _PartFile) -> None:
+        """The general path for sources that only yield chunks: gather them into blocks."""
+        rec = self.rec
+        buffer = bytearray()
+        flushed_at = time.monotonic()
+        try:
+            async for chunk in body.chunks():
+                buffer += chunk
+                self.transferred += len(chunk)
+                await self._throttle(len(chunk))
+                if rec.total_bytes and part.issued + len(buffer) > rec.total_bytes:
+                    raise PermanentError(
+                        f"The server sent more bytes than the {rec.total_bytes} it announced."
+                    )
+                if len(buffer) >= WRITE_BLOCK or time.monotonic() - flushed_at >= FLUSH_S:
+                    self.on_bytes(len(buffer))
+                    await part.write(bytes(buffer))
+                    buffer.clear()
+                    flushed_at = time.monotonic()
+                    rec.downloaded_bytes = part.pos
+                    self.on_progress(rec)
+        except (asyncio.CancelledError, TransientError):
+            if buffer:  # keep every byte received: a resume continues after them
+                self.on_bytes(len(buffer))
+                await part.write(bytes(buffer))
+                rec.downloaded_bytes = part.pos
+            raise
+        if buffer:
+            self.on_bytes(len(buffer))
+            await part.write(bytes(buffer))
 
     async def _check_free_space(self, needed: int) -> None:
         directory = os.path.dirname(self.rec.local_path) or "."

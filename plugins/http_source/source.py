@@ -5,22 +5,25 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from plugins.http_source._raw import RawResponse, _Redirected, fast_path_ok, open_raw
+
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
 from kernel.types import Probe
 
-__all__ = ["HttpBody", "HttpSource", "raise_for_status", "validator_of"]
+__all__ = ["HttpBody", "HttpSource", "RawBody", "check_status", "raise_for_status", "validator_of"]
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = "modelkernel/0.1"
 
 
-def validator_of(response: httpx.Response) -> str | None:
+def validator_of(response: httpx.Response | RawResponse) -> str | None:
     """A strong ETag, else Last-Modified: what If-Range can use to pin the file."""
     etag = response.headers.get("etag")
     if etag and not etag.startswith("W/"):
@@ -28,27 +31,27 @@ def validator_of(response: httpx.Response) -> str | None:
     return response.headers.get("last-modified")
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
     if not value:
         return None
     if value.isdigit():
         return float(value)
-    when = email.utils.parsedate_to_datetime(value) if value else None
-    if when is None:
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
 
 
-def raise_for_status(response: httpx.Response, url: str) -> None:
+def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
     """Map an HTTP error status to the typed source errors."""
-    status = response.status_code
     if status < 400:
         return
     if status in (408, 429) or status >= 500:
         raise TransientError(
             f"The server answered HTTP {status} for {url}.",
-            retry_after=_retry_after(response),
+            retry_after=_retry_after(headers),
             reason=f"http_{status}",
         )
     if status in (401, 403):
@@ -58,6 +61,10 @@ def raise_for_status(response: httpx.Response, url: str) -> None:
     if status == 404:
         raise PermanentError(f"Not found (HTTP 404): {url}")
     raise PermanentError(f"The server refused the request with HTTP {status} for {url}.")
+
+
+def raise_for_status(response: httpx.Response, url: str) -> None:
+    check_status(response.status_code, response.headers, url)
 
 
 def _transport_error(exc: httpx.TransportError, url: str) -> TransientError:
@@ -90,6 +97,41 @@ class HttpBody:
         await self.response.aclose()
 
 
+class RawBody:
+    """A body read by the lean reader: ``readinto`` fills the transfer's own buffers."""
+
+    def __init__(self, response: RawResponse, start: int, total: int | None, url: str,
+                 stall_timeout: float) -> None:
+        self.response = response
+        self.start = start
+        self.total = total
+        self.validator = validator_of(response)
+        self._url = url
+        self._stall = stall_timeout
+
+    async def readinto(self, buffer: memoryview) -> int:
+        try:
+            return await self.response.readinto(buffer, self._stall)
+        except TimeoutError as exc:
+            raise TransientError(
+                f"No data from {self._url} for longer than the stall timeout; reconnecting.",
+                reason="stall",
+            ) from exc
+        except (OSError, ConnectionError) as exc:
+            raise TransientError(
+                f"Network error ({type(exc).__name__}) while fetching {self._url}: {exc}",
+                reason="network",
+            ) from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        buffer = bytearray(1 << 20)
+        while n := await self.readinto(memoryview(buffer)):
+            yield bytes(buffer[:n])
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
 class HttpSource:
     def __init__(
         self,
@@ -106,6 +148,9 @@ class HttpSource:
         self._timeout = httpx.Timeout(connect=10.0, read=stall_timeout_s, write=30.0, pool=10.0)
         self._client = client
         self._own_client = client is None
+        self._stall = stall_timeout_s
+        self._final_url: str | None = None
+        self.fast = client is None and fast_path_ok(ref, os.environ)
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -132,7 +177,7 @@ class HttpSource:
         elif "content-length" in response.headers:
             size = int(response.headers["content-length"])
         accepts = response.status_code == 206 or response.headers.get("accept-ranges") == "bytes"
-        final_url = str(response.url)
+        final_url = self._final_url = str(response.url)
         return Probe(
             size=size,
             validator=validator_of(response),
@@ -147,33 +192,74 @@ class HttpSource:
         await response.aclose()
         return response
 
-    async def open(self, offset: int, validator: str | None) -> HttpBody:
+    async def open(self, offset: int, validator: str | None) -> HttpBody | RawBody:
         headers: dict[str, str] = {}
         if offset > 0:
             headers["range"] = f"bytes={offset}-"
             if validator:
                 headers["if-range"] = validator
-        request = self.client.build_request("GET", self.url, headers=headers)
+        url = self._final_url or self.url
+        if self.fast and url.startswith("http://"):
+            try:
+                return await self._open_raw(url, headers, offset)
+            except _Redirected as moved:
+                url = moved.url
+        return await self._open_httpx(url, headers, offset)
+
+    async def _open_raw(self, url: str, headers: dict[str, str], offset: int) -> RawBody:
+        sent = {**self._headers, **headers}
+        try:
+            response = await open_raw(url, sent, connect_timeout=self._timeout.connect or 10.0)
+        except TimeoutError as exc:
+            raise TransientError(f"Timed out connecting to {url}.", reason="network") from exc
+        except (OSError, ConnectionError) as exc:
+            raise TransientError(
+                f"Network error ({type(exc).__name__}) while fetching {url}: {exc}", reason="network"
+            ) from exc
+        try:
+            self._check_body_status(response.status_code, response.headers, offset, url)
+            if "chunked" in response.headers.get("transfer-encoding", "").lower() or (
+                "content-length" not in response.headers
+            ):
+                raise _Redirected(url)  # no length to trust: let httpx decode the framing
+        except BaseException:
+            await response.aclose()
+            raise
+        start, total = self._span(response.status_code, response.headers, url, offset)
+        return RawBody(response, start, total, url, self._stall)
+
+    def _check_body_status(
+        self, status: int, headers: Mapping[str, str], offset: int, url: str
+    ) -> None:
+        if status == 416 and offset > 0:
+            raise ValidatorChanged(f"The server cannot resume {url} at byte {offset}.")
+        check_status(status, headers, url)
+
+    def _span(
+        self, status: int, headers: Mapping[str, str], url: str, offset: int
+    ) -> tuple[int, int | None]:
+        """(first byte offset, total size) of a 200 or 206 body."""
+        if status == 206:
+            match = _CONTENT_RANGE.match(headers.get("content-range", ""))
+            if match is None or int(match.group(1)) != offset:
+                raise ValidatorChanged(f"The server sent an unexpected range for {url}.")
+            return offset, int(match.group(3)) if match.group(3) != "*" else None
+        length = headers.get("content-length")
+        return 0, int(length) if length else None
+
+    async def _open_httpx(self, url: str, headers: dict[str, str], offset: int) -> HttpBody:
+        request = self.client.build_request("GET", url, headers=headers)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TransportError as exc:
             raise _transport_error(exc, self.url) from exc
         try:
-            if response.status_code == 416 and offset > 0:
-                raise ValidatorChanged(f"The server cannot resume {self.url} at byte {offset}.")
-            raise_for_status(response, self.url)
+            self._check_body_status(response.status_code, response.headers, offset, url)
+            start, total = self._span(response.status_code, response.headers, url, offset)
         except BaseException:
             await response.aclose()
             raise
-        length = response.headers.get("content-length")
-        if response.status_code == 206:
-            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-            if match is None or int(match.group(1)) != offset:
-                await response.aclose()
-                raise ValidatorChanged(f"The server sent an unexpected range for {self.url}.")
-            total = int(match.group(3)) if match.group(3) != "*" else None
-            return HttpBody(response, offset, total, self.url)
-        return HttpBody(response, 0, int(length) if length else None, self.url)
+        return HttpBody(response, start, total, url)
 
     async def aclose(self) -> None:
         if self._client is not None and self._own_client:
