@@ -71,6 +71,8 @@ class DownloadSettings(_Section):
     stall_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
     retention_days: NonNegativeInt = 0  # 0 = keep ended records forever
+    connections: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4  # per large download
+    segment_min_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 64 << 20  # split above this
 
 
 class RateLimitSettings(_Section):

@@ -284,6 +284,7 @@ class DownloadManager:
         if old is not None and old.url == rec.url and old.local_path == rec.local_path and old.validator:
             rec.validator = old.validator
             rec.total_bytes = old.total_bytes
+            rec.segments = old.segments
             return
         if await asyncio.to_thread(_remove, rec.part_path):
             log.info("download.stale_part_removed", path=rec.part_path)

@@ -27,6 +27,7 @@ import structlog
 
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
+from kernel.segments import check_segments, plan_segments, preallocate, run_segments
 from kernel.throttle import TokenBucket
 from kernel.types import DownloadRecord, Probe, Source
 
@@ -65,11 +66,7 @@ class _PartFile:
         await asyncio.to_thread(_hash_file_into, self.path, self.pos, self.hasher)
 
     def _write(self, data: bytes | memoryview, pos: int) -> None:
-        view = memoryview(data)
-        while view:
-            written = _pwrite(self.fd, view, pos)
-            view = view[written:]
-            pos += written
+        _pwrite_all(self.fd, data, pos)
         if self.hasher is not None:
             self.hasher.update(data)
 
@@ -82,19 +79,11 @@ class _PartFile:
         """Wait for a submitted write. A cancelled caller still waits for the bytes to land,
         so the file never changes after the task has stopped."""
         try:
-            await asyncio.shield(pending)
+            await _landed(pending, self.path)
         except asyncio.CancelledError:
-            await asyncio.wait({pending})
-            if not pending.exception():
-                self.pos += size
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                self.pos += size  # it landed: the counters must agree with the file
             raise
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise PermanentError(
-                    f"The disk is full ({os.path.dirname(self.path)}): free some space, then "
-                    "start the download again; it continues from the partial file, which is kept."
-                ) from exc
-            raise PermanentError(f"Cannot write {self.path}: {exc.strerror}.") from exc
         self.pos += size
 
     async def write(self, data: bytes) -> None:
@@ -108,6 +97,36 @@ class _PartFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = _pwrite(fd, view, pos)
+        view = view[written:]
+        pos += written
+
+
+async def _landed(pending: asyncio.Future[None], path: str) -> None:
+    """Await a write in a worker thread; on cancellation let it land first. Disk errors
+    become PermanentError with a message a user can act on."""
+    try:
+        await asyncio.shield(pending)
+    except asyncio.CancelledError:
+        await asyncio.wait({pending})
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise PermanentError(
+                f"The disk is full ({os.path.dirname(path)}): free some space, then start the "
+                "download again; it continues from the partial file, which is kept."
+            ) from exc
+        raise PermanentError(f"Cannot write {path}: {exc.strerror}.") from exc
+
+
+async def _write_at(fd: int, data: memoryview, pos: int, path: str) -> None:
+    loop = asyncio.get_running_loop()
+    await _landed(loop.run_in_executor(None, _pwrite_all, fd, data, pos), path)
 
 
 def _hash_file_into(path: str, length: int, hasher: Any) -> None:
@@ -159,6 +178,7 @@ class Transfer:
         self._hasher: Any = None  # running sha256 of the part, when a digest is expected
         self.on_bytes = on_bytes
         self.on_retry = on_retry
+        self._segments_ok = True
         self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
         self._shared_bucket = shared_bucket
 
@@ -175,6 +195,8 @@ class Transfer:
                 if await self._attempt():
                     return
             except ValidatorChanged as exc:
+                if self.rec.segments is not None:
+                    self._segments_ok = False  # this origin mishandles ranges: one stream
                 restarts += 1
                 log.info("download.restart", reason=exc.message)
                 if restarts > MAX_RESTARTS:
@@ -205,6 +227,7 @@ class Transfer:
     async def _discard_part(self) -> None:
         await asyncio.to_thread(_remove, self.rec.part_path)
         self.rec.validator = None
+        self.rec.segments = None
         self.rec.downloaded_bytes = 0
         self.rec.run_start_bytes = 0
         self.probe = None
@@ -222,6 +245,8 @@ class Transfer:
                 return True
         probe = self.probe
         part_size = await asyncio.to_thread(_size, rec.part_path) or 0
+        if rec.segments is not None or self._should_segment(probe, part_size):
+            return await self._attempt_segmented(probe, part_size)
         offset = part_size if probe.accept_ranges else 0
         if offset and rec.validator and probe.validator and rec.validator != probe.validator:
             raise ValidatorChanged("The remote file changed since the partial download began.")
@@ -270,6 +295,51 @@ class Transfer:
                 f"The connection ended after {rec.downloaded_bytes} of {rec.total_bytes} bytes.",
                 reason="short_body",
             )
+
+    def _should_segment(self, probe: Probe, part_size: int) -> bool:
+        return (
+            self._segments_ok
+            and self.settings.connections > 1
+            and probe.accept_ranges
+            and probe.size is not None
+            and probe.size >= self.settings.segment_min_bytes
+            and part_size == 0
+            and getattr(self.source, "supports_segments", False)
+        )
+
+    async def _attempt_segmented(self, probe: Probe, part_size: int) -> bool:
+        rec = self.rec
+        if rec.validator and probe.validator and rec.validator != probe.validator:
+            raise ValidatorChanged("The remote file changed since the partial download began.")
+        validator = rec.validator or probe.validator
+        if rec.segments is None or part_size != rec.total_bytes:
+            await self._check_free_space(rec.total_bytes)
+            rec.segments = plan_segments(rec.total_bytes, self.settings.connections)
+            await asyncio.to_thread(preallocate, rec.part_path, rec.total_bytes)
+        check_segments(rec)
+        rec.validator = validator
+        rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
+        log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
+        fd = await asyncio.to_thread(os.open, rec.part_path, os.O_WRONLY)
+
+        async def write_at(pos: int, data: memoryview) -> None:
+            await _write_at(fd, data, pos, rec.part_path)
+
+        async def on_bytes(n: int) -> None:
+            rec.downloaded_bytes += n
+            self.transferred += n
+            self.on_bytes(n)
+            self.on_progress(rec)
+            await self._throttle(n)
+
+        try:
+            await run_segments(rec, self.source, validator, write_at=write_at, on_bytes=on_bytes)
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            os.close(fd)
+        rec.segments = None  # complete: from here on the .part is one whole file
+        self._hasher = None
+        return await self._finish(rec.total_bytes)
 
     def _read_cap(self) -> int:
         """Bytes to read before throttling: a flush interval's worth of the tightest cap."""

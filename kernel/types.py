@@ -79,6 +79,8 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     last_error: str | None = None
     attempts: int = 0
     max_bytes_per_second: int = 0
+    # Segmented transfers: [start, end, done] per connection (None = one stream).
+    segments: list[list[int]] | None = None
     # This run's starting point, for the average speed (bytes in this run / seconds in it).
     run_started_at: int = 0
     run_start_bytes: int = 0
@@ -126,7 +128,10 @@ class Source(Protocol):
 
     async def open(self, offset: int, validator: str | None) -> Body:
         """Open the body at ``offset``; with a validator, only if the file is still that one
-        (If-Range). Raises TransientError / PermanentError / ValidatorChanged."""
+        (If-Range). Raises TransientError / PermanentError / ValidatorChanged.
+
+        A source that sets ``supports_segments = True`` also accepts ``end=`` (the last byte,
+        inclusive) so the kernel can fetch a large file over several connections."""
         ...
 
     async def aclose(self) -> None: ...

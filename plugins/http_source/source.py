@@ -192,10 +192,14 @@ class HttpSource:
         await response.aclose()
         return response
 
-    async def open(self, offset: int, validator: str | None) -> HttpBody | RawBody:
+    supports_segments = True
+
+    async def open(
+        self, offset: int, validator: str | None, end: int | None = None
+    ) -> HttpBody | RawBody:
         headers: dict[str, str] = {}
-        if offset > 0:
-            headers["range"] = f"bytes={offset}-"
+        if offset > 0 or end is not None:
+            headers["range"] = f"bytes={offset}-{'' if end is None else end}"
             if validator:
                 headers["if-range"] = validator
         url = self._final_url or self.url
