@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,6 +57,7 @@ class Kernel:
         self._store: DownloadStore | None = None
         self._downloads: DownloadManager | None = None
         self._lock = StateLock(self.settings.storage.state_dir)
+        self._lag_watch: asyncio.Task[None] | None = None
         self.started = False
 
     @property
@@ -89,6 +91,7 @@ class Kernel:
                 await self._store.close()
             self._lock.release()
             raise
+        self._lag_watch = asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag")
         for entry in self.settings.models:
             await self._boot_model(entry)
         await self.plugins.startup(self)
@@ -152,6 +155,8 @@ class Kernel:
         if not self.started:
             return
         self.started = False
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         await self.downloads.stop()
         await self.plugins.shutdown(self)
         await self.engines.close()

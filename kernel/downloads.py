@@ -213,11 +213,12 @@ class DownloadManager:
         queued = [r for r in self.records.values() if r.status == "queued"]
         return sorted(queued, key=lambda r: (-r.priority, r.seq))
 
+    def queue_positions(self) -> dict[str, int]:
+        """Every queued download's 1-based place in the queue (one sort for all of them)."""
+        return {rec.model_id: position for position, rec in enumerate(self.queue(), start=1)}
+
     def queue_position(self, model_id: str) -> int | None:
-        for position, rec in enumerate(self.queue(), start=1):
-            if rec.model_id == model_id:
-                return position
-        return None
+        return self.queue_positions().get(model_id)
 
     # --- actions -------------------------------------------------------------------------
 

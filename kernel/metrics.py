@@ -7,6 +7,7 @@ read from the manager when ``/metrics`` is scraped, so they are never stale.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -42,10 +43,21 @@ class Metrics:
         self.engine_duration = Histogram(
             "modelkernel_engine_creation_duration_seconds", "Engine creation time.",
             buckets=(0.1, 0.5, 1, 5, 15, 60, 300, float("inf")), registry=r)
+        self.loop_lag = Histogram(
+            "modelkernel_event_loop_lag_seconds", "How late the event loop runs a timer.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, float("inf")), registry=r)
         self.http_latency = Histogram(
             "modelkernel_http_request_duration_seconds", "API request latency by route.",
             ["method", "route", "status"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")), registry=r)
+
+    async def watch_loop_lag(self, interval: float = 0.1) -> None:
+        """Forever: sleep ``interval`` and record how much later than asked the loop woke."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - asked))
 
     def observe(self, event: Event) -> None:
         match event:

@@ -300,6 +300,8 @@ class Transfer:
         return (
             self._segments_ok
             and self.settings.connections > 1
+            and not self.rec.max_bytes_per_second  # a capped download gains nothing from more
+            and not self.settings.max_bytes_per_second
             and probe.accept_ranges
             and probe.size is not None
             and probe.size >= self.settings.segment_min_bytes
@@ -352,12 +354,15 @@ class Transfer:
         other is written by a worker thread, so network and disk overlap with no per-chunk
         objects in between."""
         rec = self.rec
-        blocks = (bytearray(WRITE_BLOCK), bytearray(WRITE_BLOCK))
+        blocks = [bytearray(), bytearray()]  # sized to the read cap: a throttled transfer is small
         which = 0
         inflight: tuple[asyncio.Future[None], int] | None = None
         try:
             while True:
-                view = memoryview(blocks[which])[: self._read_cap()]
+                cap = self._read_cap()
+                if len(blocks[which]) < cap:
+                    blocks[which] = bytearray(cap)
+                view = memoryview(blocks[which])[:cap]
                 n = await body.readinto(view)
                 if n == 0:
                     break
