@@ -32,6 +32,7 @@ log = structlog.get_logger()
 
 GROUP = "modelkernel"
 BUILTINS: dict[str, str] = {
+    "hf_source": "plugins.hf_source",
     "http_source": "plugins.http_source",
     "sqlite_store": "plugins.sqlite_store",
 }

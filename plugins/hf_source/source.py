@@ -1,0 +1,389 @@
+"""HubSource: one file of a Hugging Face repository, as the hub serves it.
+
+The protocol is huggingface_hub's: a HEAD on ``{endpoint}/{repo}/resolve/{revision}/{path}``
+without following redirects answers the commit (``X-Repo-Commit``), the size
+(``X-Linked-Size``), the LFS sha256 (``X-Linked-Etag``) and, for an LFS file, a ``Location`` on
+the CDN. Relative redirects (a renamed repository) are followed on the hub; an absolute one is
+the CDN, which gets no ``Authorization``: the token goes to the hub's own origin only.
+
+Pinning: ``probe()`` resolves the revision to a commit, and every ``open()`` asks the hub again
+for that commit's file (a fresh CDN location: the signed URLs expire), checking it is the file
+the partial download came from. The validator the kernel records is the LFS etag, so a branch
+that moved to another version of the file restarts the download at byte 0 instead of splicing
+two versions; the sha256 is verified by the kernel before the rename.
+
+The CDN is sent ``Range``; ``If-Range`` carries a validator the CDN itself issued (its own
+ETag, learnt from an earlier answer in this run) - never the LFS etag, which a CDN's ETag need
+not equal. Across a pause the range is safe without it: the location is for a pinned commit
+whose etag was just checked, and the whole file is hashed against the LFS sha256 at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NoReturn
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+import msgspec
+import structlog
+
+from kernel.errors import (
+    InvalidRequest,
+    PermanentError,
+    SourceError,
+    TransientError,
+    ValidatorChanged,
+)
+from kernel.types import Body, Probe
+from plugins.hf_source._errors import check_hub_response
+from plugins.hf_source._ref import HubRef, has_glob, read_token_file
+from plugins.http_source.source import HttpSource
+
+__all__ = ["HubBody", "HubSource"]
+
+log = structlog.get_logger()
+
+USER_AGENT = "modelkernel/0.1 (hf_source)"
+MAX_HUB_REDIRECTS = 5
+SHOWN_CANDIDATES = 20
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class _FileMeta:
+    """What one HEAD on a resolve URL says about the file."""
+
+    commit: str | None
+    etag: str | None  # quoted: the LFS sha256 for an LFS file, the git blob id otherwise
+    size: int | None
+    location: str | None  # the CDN URL of an LFS file; None when the hub serves the bytes
+
+    @property
+    def sha256(self) -> str | None:
+        tag = self.etag.strip('"') if self.etag else ""
+        return tag.lower() if _SHA256.match(tag) else None
+
+    @classmethod
+    def from_response(cls, response: httpx.Response, location: str | None) -> _FileMeta:
+        headers = response.headers
+        raw = headers.get("x-linked-etag") or headers.get("etag")
+        etag = None
+        if raw and raw.strip():
+            etag = '"' + raw.strip().removeprefix("W/").strip('"') + '"'
+        size_text = headers.get("x-linked-size") or (
+            headers.get("content-length") if location is None else None
+        )
+        size = int(size_text) if size_text and size_text.strip().isdigit() else None
+        return cls(headers.get("x-repo-commit"), etag, size, location)
+
+
+class _RepoFile(msgspec.Struct):
+    rfilename: str
+
+
+class _RepoInfo(msgspec.Struct):
+    """The part of ``GET /api/{type}s/{repo}/revision/{rev}`` this plugin reads."""
+
+    sha: str | None = None
+    siblings: list[_RepoFile] = msgspec.field(default_factory=list)
+
+
+class HubBody:
+    """The CDN's (or hub's) response body, with the LFS etag as its validator and the CDN's
+    signed query string kept out of error messages."""
+
+    def __init__(self, inner: Body, validator: str | None, url: str) -> None:
+        self._inner = inner
+        self.start = inner.start
+        self.total = inner.total
+        self.validator = validator or inner.validator
+        self._url = url
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner.chunks():
+                yield chunk
+        except SourceError as exc:
+            _reraise_redacted(exc, self._url)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class HubSource:
+    """Fetches ``ref`` (a file of a hub repository) through ``endpoint``."""
+
+    def __init__(
+        self,
+        hub_ref: HubRef,
+        *,
+        ref: str,
+        endpoint: str,
+        token: str | None = None,
+        stall_timeout_s: float = 30.0,
+    ) -> None:
+        self.ref = ref  # what the record keeps: the user's reference
+        self.hub_ref = hub_ref
+        self.endpoint = endpoint.rstrip("/")
+        self._token = token
+        self._token_looked_up = token is not None
+        self._timeout = httpx.Timeout(connect=10.0, read=stall_timeout_s, write=30.0, pool=10.0)
+        self._hub: httpx.AsyncClient | None = None
+        self._cdn: httpx.AsyncClient | None = None
+        self._meta: _FileMeta | None = None
+        self._cdn_validators: dict[str, str] = {}  # CDN URL without query -> its own ETag
+
+    @property
+    def filename(self) -> str | None:
+        """The local file name: the last part of the path in the repository."""
+        return self.hub_ref.basename
+
+    @property
+    def commit(self) -> str | None:
+        """The commit the revision resolved to, once probed."""
+        return self._meta.commit if self._meta else None
+
+    # -- clients -----------------------------------------------------------------------------
+
+    async def _token_value(self) -> str | None:
+        if not self._token_looked_up:
+            self._token = await asyncio.to_thread(read_token_file)
+            self._token_looked_up = True
+        return self._token
+
+    async def _hub_client(self) -> httpx.AsyncClient:
+        """Talks to the endpoint only, never follows a redirect by itself, carries the token."""
+        if self._hub is None:
+            headers = {"user-agent": USER_AGENT, "accept-encoding": "identity"}
+            token = await self._token_value()
+            if token:
+                headers["authorization"] = f"Bearer {token}"
+            self._hub = httpx.AsyncClient(
+                follow_redirects=False, timeout=self._timeout, headers=headers
+            )
+        return self._hub
+
+    def _cdn_client(self) -> httpx.AsyncClient:
+        """Talks to the CDN: no credentials, redirects followed."""
+        if self._cdn is None:
+            self._cdn = httpx.AsyncClient(
+                follow_redirects=True, timeout=self._timeout,
+                headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
+            )  # fmt: skip
+        return self._cdn
+
+    async def aclose(self) -> None:
+        for client in (self._hub, self._cdn):
+            if client is not None:
+                await client.aclose()
+        self._hub = self._cdn = None
+
+    # -- the Source protocol -------------------------------------------------------------------
+
+    async def probe(self) -> Probe:
+        ref = self._file_ref()
+        meta = await self._head(ref.resolve_url(self.endpoint, ref.rev))
+        self._meta = meta
+        log.info(
+            "hub.resolved", repo=ref.repo, path=ref.path, revision=ref.rev, commit=meta.commit,
+            size=meta.size, lfs=meta.location is not None,
+        )  # fmt: skip
+        return Probe(
+            size=meta.size,
+            validator=meta.etag,
+            accept_ranges=True,
+            sha256=meta.sha256,
+            final_url=self._pinned_url(),
+            filename=self.filename,
+        )
+
+    async def open(self, offset: int, validator: str | None) -> HubBody:
+        if self._meta is None:
+            await self.probe()
+        assert self._meta is not None
+        expected = self._meta.etag
+        if validator is not None and expected is not None and validator != expected:
+            raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
+        pinned = self._pinned_url()
+        meta = await self._head(pinned)  # the pinned commit's file, and a fresh CDN location
+        if expected is not None and meta.etag != expected:
+            raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
+        if meta.location is None:  # a small (non-LFS) file: the hub serves it itself
+            url, client = pinned, await self._hub_client()
+            if_range = expected if offset else None
+        else:
+            url, client = meta.location, self._cdn_client()
+            if_range = self._cdn_validators.get(_without_query(url)) if offset else None
+        try:
+            inner = await HttpSource(url, client=client).open(offset, if_range)
+        except SourceError as exc:
+            _reraise_redacted(exc, url)
+        if meta.location is not None and inner.validator:
+            self._cdn_validators[_without_query(url)] = inner.validator
+        return HubBody(inner, expected, url)
+
+    # -- a repository reference plus a file name or pattern -------------------------------------
+
+    async def resolve_filename(self, filename: str | None) -> str | None:
+        """The local file name for a create request's ``filename``.
+
+        For a file reference, ``filename`` is only the local name and is returned as it is.
+        For a repository reference it picks the file: an exact name or a glob
+        (``*Q4_K_M.gguf``) matched against the repository's files at the revision; exactly one
+        must match. ``self.ref`` then names that file, for the record. Raises InvalidRequest.
+        """
+        if self.hub_ref.path is not None:
+            if filename and has_glob(filename):
+                raise InvalidRequest(
+                    f"A filename pattern picks a file of a repository reference such as "
+                    f"hf://{self.hub_ref.repo}@{self.hub_ref.rev}, but {self.ref} already names "
+                    "one file.",
+                    param="filename",
+                )
+            return filename
+        try:
+            files = await self._list_files()
+        finally:
+            await self.aclose()
+        where = f"{self.hub_ref.repo}@{self.hub_ref.rev}"
+        if not filename:
+            ggufs = [f for f in files if f.lower().endswith(".gguf")] or files
+            raise InvalidRequest(
+                f"{self.ref} names a repository, not a file: add the path "
+                f'(hf://{self.hub_ref.repo}/<path>) or a "filename" pattern such as '
+                f'"*Q4_K_M.gguf". Files in {where}: {_shown(ggufs)}.',
+                param="filename",
+            )
+        matches = _match(filename, files)
+        if len(matches) != 1:
+            if matches:
+                raise InvalidRequest(
+                    f"The filename {filename!r} matches {len(matches)} files in {where}: "
+                    f"{_shown(matches)}; give a pattern that matches exactly one.",
+                    param="filename",
+                )
+            raise InvalidRequest(
+                f"No file in {where} matches the filename {filename!r}. Files: {_shown(files)}.",
+                param="filename",
+            )
+        self.hub_ref = self.hub_ref.with_path(matches[0])
+        self.ref = str(self.hub_ref)
+        self._meta = None
+        log.info("hub.file_picked", pattern=filename, path=matches[0], ref=self.ref)
+        return self.hub_ref.basename
+
+    async def _list_files(self) -> list[str]:
+        url = self.hub_ref.api_url(self.endpoint)
+        try:
+            response = await self._hub_get(url)
+            check_hub_response(
+                response, self.hub_ref, endpoint=self.endpoint, has_token=bool(self._token)
+            )
+            info = msgspec.json.decode(response.content, type=_RepoInfo)
+        except SourceError as exc:
+            raise InvalidRequest(exc.message, param="url") from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(
+                f"The hub at {self.endpoint} sent an unreadable file list for "
+                f"{self.hub_ref.repo}: {exc}.",
+                param="url",
+            ) from exc
+        return [f.rfilename for f in info.siblings]
+
+    # -- hub requests --------------------------------------------------------------------------
+
+    def _file_ref(self) -> HubRef:
+        if self.hub_ref.path is None:
+            raise PermanentError(
+                f"{self.ref} names a repository, not a file: give the file's path, or a "
+                "filename pattern when creating the download."
+            )
+        return self.hub_ref
+
+    def _pinned_url(self) -> str:
+        """The resolve URL at the probed commit (at the revision until probed)."""
+        ref = self._file_ref()
+        commit = self._meta.commit if self._meta and self._meta.commit else ref.rev
+        return ref.resolve_url(self.endpoint, commit)
+
+    async def _head(self, url: str) -> _FileMeta:
+        """HEAD a resolve URL on the hub; relative redirects are followed, an absolute one is
+        the CDN location and is not."""
+        client = await self._hub_client()
+        for _ in range(MAX_HUB_REDIRECTS + 1):
+            response = await self._send(client, "HEAD", url)
+            location = response.headers.get("location")
+            if response.is_redirect and location:
+                if not urlsplit(location).netloc:
+                    url = urljoin(url, location)
+                    continue
+                return _FileMeta.from_response(response, location)
+            check_hub_response(
+                response, self.hub_ref, endpoint=self.endpoint, has_token=bool(self._token)
+            )
+            return _FileMeta.from_response(response, None)
+        raise PermanentError(f"The hub redirected {self.ref} too many times.")
+
+    async def _hub_get(self, url: str) -> httpx.Response:
+        client = await self._hub_client()
+        for _ in range(MAX_HUB_REDIRECTS + 1):
+            response = await self._send(client, "GET", url)
+            location = response.headers.get("location")
+            if not (response.is_redirect and location and not urlsplit(location).netloc):
+                return response
+            url = urljoin(url, location)
+        raise PermanentError(f"The hub redirected {self.ref} too many times.")
+
+    async def _send(self, client: httpx.AsyncClient, method: str, url: str) -> httpx.Response:
+        try:
+            return await client.request(method, url)
+        except httpx.TransportError as exc:
+            raise TransientError(
+                f"Network error ({type(exc).__name__}) while asking the hub at {self.endpoint} "
+                f"about {self.ref}: {exc or 'no detail'}",
+                reason="network",
+            ) from exc
+
+
+def _match(pattern: str, files: list[str]) -> list[str]:
+    """Files whose path or name matches ``pattern``; case-insensitively if nothing matches
+    with case (quantisation names are spelt ``Q4_K_M`` and ``q4_k_m``)."""
+    for fold in (str, str.lower):
+        wanted = fold(pattern)
+        found = [
+            f for f in files
+            if fnmatch.fnmatchcase(fold(f), wanted)
+            or fnmatch.fnmatchcase(fold(f.rsplit("/", 1)[-1]), wanted)
+        ]  # fmt: skip
+        if found:
+            return sorted(found)
+    return []
+
+
+def _shown(names: list[str]) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(sorted(names)[:SHOWN_CANDIDATES])
+    more = len(names) - SHOWN_CANDIDATES
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _without_query(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _reraise_redacted(exc: SourceError, url: str) -> NoReturn:
+    """Raise ``exc`` again, without a signed URL's query string (its credentials)."""
+    shown = _without_query(url)
+    if shown == url or url not in exc.message:
+        raise exc
+    message = exc.message.replace(url, shown)
+    if isinstance(exc, TransientError):
+        raise TransientError(message, retry_after=exc.retry_after, reason=exc.reason) from exc
+    raise type(exc)(message) from exc
