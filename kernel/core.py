@@ -53,7 +53,11 @@ class Kernel:
         self.plugins = Plugins(pm, self.settings)
         self.metrics = Metrics()
         self.bus = EventBus(observer=self._observe)
-        self.engines = EngineRegistry(self.plugins.engine_backends(), self.plugins.detect_gpus())
+        self.engines = EngineRegistry(
+            self.plugins.engine_backends(),
+            self.plugins.detect_gpus(),
+            detect_gpus=self.plugins.detect_gpus,  # free memory is read again at creation
+        )
         self._store: DownloadStore | None = None
         self._downloads: DownloadManager | None = None
         self._lock = StateLock(self.settings.storage.state_dir)

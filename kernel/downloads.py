@@ -507,7 +507,10 @@ class DownloadManager:
         started = time.monotonic()
         with structlog.contextvars.bound_contextvars(model_id=rec.model_id):
             try:
-                await self.engines.create(rec.model_id, rec.local_path, rec.model_type, rec.engine)
+                engine = await self.engines.create(
+                    rec.model_id, rec.local_path, rec.model_type, rec.engine
+                )
+                rec.model_type = "embedding" if engine.model_type == "embedding" else "llm"
             except asyncio.CancelledError:
                 self._task_done(rec)
                 raise

@@ -1,21 +1,71 @@
-"""EngineRegistry: engine backends from all plugins, and the engines built with them."""
+"""EngineRegistry: engine backends from all plugins, and the engines built with them.
+
+A backend (returned by the ``register_engine_backends`` hook) turns a model file into an
+:class:`~kernel.types.Engine`. The registry picks the backend by ``inference_engine`` name or
+alias, settles ``main_gpu_id`` (``-1``: the visible GPU with the most free memory, or 0 when
+there is none), keeps one engine per model id, and routes completions and embeddings to it.
+
+Beyond the ``EngineBackend`` / ``Engine`` protocols, a backend or engine may offer (and the
+registry uses when present): ``backend.check(spec, prefix=...)`` to reject bad
+``loading_parameters`` at request time; ``backend.available`` / ``version`` /
+``description`` for ``GET /v1/engines``; ``engine.state`` (``loaded`` / ``loading`` /
+``unloaded``, for engines that load on first use) and ``engine.details`` (a dict of facts);
+``engine.complete_detailed(prompt, max_tokens)`` returning ``{text, finish_reason,
+prompt_tokens, completion_tokens}`` and ``engine.embed_detailed(texts)`` returning
+``(vectors, prompt_tokens)`` for token counts in the OpenAI ``usage`` block.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
 
+import msgspec
 import structlog
 
 from kernel.errors import EngineError, InvalidRequest
 from kernel.types import Engine, EngineBackend, EngineSpec, GpuInfo
 
-__all__ = ["EngineRegistry"]
+__all__ = ["AUTO_TYPE", "DEFAULT_BACKEND", "Completion", "EngineEntry", "EngineRegistry"]
 
 log = structlog.get_logger()
 
+DEFAULT_BACKEND = "llama-cpp"  # the default inference engine when it is installed
+AUTO_TYPE = "auto"  # model_type that asks the backend to infer it from the model file
+
+
+class EngineEntry(msgspec.Struct, kw_only=True):
+    """How one registered engine was made."""
+
+    model_id: str
+    path: str
+    model_type: str
+    inference_engine: str  # as requested (may be an alias)
+    backend: str  # the backend's own name
+    main_gpu_id: int  # as requested
+    gpu_id: int  # as used: -1 resolved to a GPU id
+    load_immediately: bool
+    loading_parameters: dict[str, Any]
+    created_at: int  # ms since the epoch
+
+
+class Completion(msgspec.Struct, kw_only=True):
+    text: str
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
 
 class EngineRegistry:
-    def __init__(self, backends: list[EngineBackend], gpus: list[GpuInfo]) -> None:
+    def __init__(
+        self,
+        backends: list[EngineBackend],
+        gpus: list[GpuInfo],
+        *,
+        detect_gpus: Callable[[], list[GpuInfo]] | None = None,
+    ) -> None:
         self._backends: dict[str, EngineBackend] = {}
         for backend in backends:
             for name in (backend.name, *getattr(backend, "aliases", ())):
@@ -24,7 +74,19 @@ class EngineRegistry:
                 self._backends[name] = backend
         self.backend_list = list(backends)
         self.gpus = gpus
+        self._detect_gpus = detect_gpus
         self.engines: dict[str, Engine] = {}
+        self.entries: dict[str, EngineEntry] = {}
+        self._infer_type: set[str] = set()
+
+    # --- backends and GPUs ----------------------------------------------------------------
+
+    @property
+    def default_backend(self) -> str | None:
+        """``llama-cpp`` when installed, else the first backend's name, else None."""
+        if DEFAULT_BACKEND in self._backends:
+            return DEFAULT_BACKEND
+        return self.backend_list[0].name if self.backend_list else None
 
     def backend(self, name: str, *, param: str = "inference_engine") -> EngineBackend:
         try:
@@ -42,21 +104,54 @@ class EngineRegistry:
         visible = ", ".join(str(g.id) for g in self.gpus) or "none"
         raise InvalidRequest(f"GPU {gpu_id} does not exist; visible GPUs: {visible}.", param=param)
 
+    def refresh_gpus(self) -> list[GpuInfo]:
+        """Ask the plugins again (free memory changes); keeps the old list without a detector."""
+        if self._detect_gpus is not None:
+            self.gpus = self._detect_gpus()
+        return self.gpus
+
+    def resolve_gpu(self, gpu_id: int) -> int:
+        """``-1``: the GPU with the most free memory right now, or 0 (CPU) when there is none."""
+        if gpu_id != -1:
+            return gpu_id
+        gpus = self.refresh_gpus()
+        if not gpus:
+            return 0
+        return max(gpus, key=lambda g: (g.free_memory, -g.id)).id
+
     def validate(self, spec: EngineSpec, *, prefix: str = "engine_creation.") -> None:
-        self.backend(spec.inference_engine, param=prefix + "inference_engine")
+        backend = self.backend(spec.inference_engine, param=prefix + "inference_engine")
         self.check_gpu(spec.main_gpu_id, param=prefix + "main_gpu_id")
+        check = getattr(backend, "check", None)
+        if check is not None:
+            check(spec, prefix=prefix)
+
+    # --- engines ----------------------------------------------------------------------------
+
+    def infer_type_on_create(self, model_id: str, infer: bool = True) -> None:
+        """The next ``create`` for ``model_id`` lets the backend infer the model type (the
+        request gave none), whatever type the caller passes."""
+        if infer:
+            self._infer_type.add(model_id)
+        else:
+            self._infer_type.discard(model_id)
 
     async def create(self, model_id: str, path: str, model_type: str, spec: EngineSpec) -> Engine:
         """Build an engine; if the caller is cancelled meanwhile, the engine is closed when the
         backend finishes, so an abandoned engine never leaks."""
         backend = self.backend(spec.inference_engine)
-        job = asyncio.ensure_future(backend.create(model_id, path, model_type, spec))
+        if model_id in self._infer_type:
+            self._infer_type.discard(model_id)
+            model_type = AUTO_TYPE
+        gpu_id = self.resolve_gpu(spec.main_gpu_id)
+        used = msgspec.structs.replace(spec, main_gpu_id=gpu_id)
+        job = asyncio.ensure_future(backend.create(model_id, path, model_type, used))
         try:
             engine = await asyncio.shield(job)
         except asyncio.CancelledError:
             job.add_done_callback(_close_abandoned)
             raise
-        except EngineError:
+        except (EngineError, InvalidRequest):
             raise
         except Exception as exc:
             raise EngineError(f"Engine creation failed: {exc}") from exc
@@ -64,21 +159,87 @@ class EngineRegistry:
         if old is not None:
             await old.close()
         self.engines[model_id] = engine
+        self.entries[model_id] = EngineEntry(
+            model_id=model_id,
+            path=path,
+            model_type=getattr(engine, "model_type", model_type),
+            inference_engine=spec.inference_engine,
+            backend=backend.name,
+            main_gpu_id=spec.main_gpu_id,
+            gpu_id=gpu_id,
+            load_immediately=spec.load_immediately,
+            loading_parameters=dict(spec.loading_parameters),
+            created_at=int(time.time() * 1000),
+        )
         return engine
 
+    def get(self, model_id: str) -> Engine | None:
+        return self.engines.get(model_id)
+
+    def state(self, model_id: str) -> str:
+        """``loaded``, ``loading`` or ``unloaded`` (registered, loads on first use)."""
+        engine = self.engines[model_id]
+        return str(getattr(engine, "state", "loaded"))
+
+    def details(self, model_id: str) -> dict[str, Any] | None:
+        details = getattr(self.engines[model_id], "details", None)
+        return dict(details) if details else None
+
+    def registered(self) -> list[EngineEntry]:
+        """Every engine's entry, in creation order."""
+        return [self.entries[m] for m in self.engines if m in self.entries]
+
     async def remove(self, model_id: str) -> bool:
+        self.entries.pop(model_id, None)
         engine = self.engines.pop(model_id, None)
         if engine is None:
             return False
         await engine.close()
+        log.info("engine.removed", model_id=model_id)
         return True
 
     async def close(self) -> None:
         for model_id in list(self.engines):
             await self.remove(model_id)
 
+    # --- inference --------------------------------------------------------------------------
+
+    def _engine_of(self, model_id: str, kind: str, endpoint: str) -> Engine:
+        engine = self.engines.get(model_id)
+        if engine is None:
+            raise InvalidRequest(f"Model not found: {model_id}", param="model")
+        if getattr(engine, "model_type", kind) not in (kind, AUTO_TYPE):
+            raise InvalidRequest(
+                f"Model {model_id} is an {engine.model_type} model; {endpoint} needs an "
+                f"{kind} model.",
+                param="model",
+            )
+        return engine
+
+    async def complete(self, model_id: str, prompt: str, max_tokens: int) -> Completion:
+        engine = self._engine_of(model_id, "llm", "/v1/completions")
+        detailed = getattr(engine, "complete_detailed", None)
+        if detailed is None:
+            text = await engine.complete(prompt, max_tokens)
+            return Completion(text=text, finish_reason="length")
+        return msgspec.convert(await detailed(prompt, max_tokens), Completion)
+
+    async def embed(self, model_id: str, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One vector per text, and the prompt token count (0 when the engine does not say)."""
+        engine = self._engine_of(model_id, "embedding", "/v1/embeddings")
+        detailed = getattr(engine, "embed_detailed", None)
+        if detailed is None:
+            return await engine.embed(texts), 0
+        vectors, tokens = await detailed(texts)
+        return vectors, int(tokens)
+
+
+_closing: set[asyncio.Future[None]] = set()  # strong references until each close ends
+
 
 def _close_abandoned(job: asyncio.Future[Engine]) -> None:
     if job.cancelled() or job.exception() is not None:
         return
-    asyncio.ensure_future(job.result().close())
+    closing = asyncio.ensure_future(job.result().close())
+    _closing.add(closing)
+    closing.add_done_callback(_closing.discard)

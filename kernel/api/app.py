@@ -15,6 +15,7 @@ from kernel import __version__
 from kernel.api.downloads import DownloadsController
 from kernel.api.edge import Edge
 from kernel.api.errors import handle_error
+from kernel.api.models import ModelsController
 from kernel.api.system import SettingsController, SystemController
 from kernel.core import Kernel
 from kernel.downloads import DownloadManager
@@ -50,7 +51,7 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
     def provide_kernel() -> Kernel:
         return kernel
 
-    api = [DownloadsController, SettingsController]
+    api = [DownloadsController, SettingsController, ModelsController]
     app = App(
         route_handlers=[
             Router(path="/v1", route_handlers=api),

@@ -1,0 +1,463 @@
+"""Models and engines: Kolosal's ``/models`` and ``/engines``, and the OpenAI-compatible
+``/completions`` and ``/embeddings`` that answer from a model's engine.
+
+``POST /v1/models`` with a URL ``model_path`` starts a ``startup`` download (202): the engine
+is built once the file is verified. A local path builds the engine at once (201).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import struct
+import time
+import uuid
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+from litestar import Controller, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
+from msgspec import UNSET, UnsetType
+
+from kernel.api.deps import KernelDep
+from kernel.api.errors import NOT_FOUND, ApiError
+from kernel.core import Kernel
+from kernel.downloads import validate_model_id
+from kernel.engines import AUTO_TYPE, DEFAULT_BACKEND, EngineEntry
+from kernel.errors import DownloadExists, EngineError, InvalidRequest
+from kernel.types import TERMINAL, DownloadRecord, EngineCreated, EngineSpec
+
+__all__ = ["ModelsController"]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class _Wire(msgspec.Struct, kw_only=True):
+    pass
+
+
+class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+# --- /models ----------------------------------------------------------------------------------
+
+
+class AddModelRequest(_Request):
+    model_id: str
+    model_path: str
+    model_type: Literal["llm", "embedding"] | None = None  # None: read it from the model file
+    inference_engine: str | None = None  # None: the default engine (llama-cpp)
+    main_gpu_id: int = 0
+    load_immediately: bool = True
+    loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ModelAdded(_Wire):
+    """201: the engine exists (``loaded``, or ``created`` to load on first use)."""
+
+    model_id: str
+    model_path: str
+    model_type: str
+    status: str
+    load_immediately: bool
+    loading_parameters: dict[str, Any]
+    main_gpu_id: int
+    inference_engine: str
+    message: str
+    details: dict[str, Any] | UnsetType = UNSET
+
+
+class ModelDownloadStarted(_Wire):
+    """202: a startup download will build the engine."""
+
+    model_id: str
+    model_type: str
+    status: str
+    message: str
+    download_url: str
+    local_path: str
+
+
+class ModelView(_Wire):
+    model_id: str
+    status: str  # loaded | loading | unloaded, or the startup download's status
+    available: bool  # an engine is registered and can answer
+    model_type: str
+    type: str  # the same, under the key Kolosal's model list uses
+    inference_engine: str
+    model_path: str
+    main_gpu_id: int
+    load_immediately: bool
+    loading_parameters: dict[str, Any]
+    message: str
+    gpu_id: int | UnsetType = UNSET
+    download_url: str | UnsetType = UNSET
+    created_at: int | UnsetType = UNSET
+    details: dict[str, Any] | UnsetType = UNSET
+
+
+class ModelList(_Wire):
+    models: list[ModelView]
+    total_count: int
+
+
+class ModelRemoved(_Wire):
+    model_id: str
+    status: str
+    message: str
+
+
+# --- /engines ---------------------------------------------------------------------------------
+
+
+class BackendView(_Wire):
+    name: str
+    aliases: list[str]
+    description: str | None
+    version: str | None
+    available: bool
+    is_default: bool
+
+
+class GpuView(_Wire):
+    id: int
+    name: str
+    total_memory: int
+    free_memory: int
+
+
+class EngineList(_Wire):
+    inference_engines: list[BackendView]
+    default_engine: str | None
+    total_count: int
+    gpus: list[GpuView]
+
+
+# --- /completions and /embeddings (OpenAI shapes) ---------------------------------------------
+
+
+class CompletionRequest(_Request):
+    model: str
+    prompt: str | list[str]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16
+    stream: bool = False
+    user: str | None = None
+
+
+class CompletionChoice(_Wire, kw_only=True):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: str
+
+
+class CompletionUsage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TextCompletion(_Wire, kw_only=True):
+    id: str
+    object: str = "text_completion"
+    created: int  # seconds since the epoch, as OpenAI sends it
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class EmbeddingItem(_Wire, kw_only=True):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(_Wire):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Wire, kw_only=True):
+    object: str = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _path_id(model_id: str) -> str:
+    validate_model_id(model_id, param="path", code="invalid_path_format")
+    return model_id
+
+
+def _not_found(model_id: str, param: str) -> ApiError:
+    return ApiError(404, f"Model not found: {model_id}", NOT_FOUND, param=param,
+                    code="model_not_found")
+
+
+def _guess_type(model_id: str, url: str) -> str:
+    """Kolosal's name heuristic, for the download record until the engine reads the file."""
+    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).lower()
+    return "embedding" if "embed" in name or "embed" in model_id.lower() else "llm"
+
+
+def _active_startup(kernel: Kernel, model_id: str) -> DownloadRecord | None:
+    rec = kernel.downloads.records.get(model_id)
+    if rec is None or rec.status in TERMINAL or rec.download_type != "startup":
+        return None
+    return rec
+
+
+def _engine_view(kernel: Kernel, entry: EngineEntry) -> ModelView:
+    state = kernel.engines.state(entry.model_id)
+    details = kernel.engines.details(entry.model_id)
+    return ModelView(
+        model_id=entry.model_id,
+        status=state,
+        available=True,
+        model_type=entry.model_type,
+        type=entry.model_type,
+        inference_engine=entry.inference_engine,
+        model_path=entry.path,
+        main_gpu_id=entry.main_gpu_id,
+        load_immediately=entry.load_immediately,
+        loading_parameters=entry.loading_parameters,
+        message="Model is loaded and ready" if state == "loaded"
+        else "Model is loading" if state == "loading"
+        else "Model exists but is currently unloaded; it loads on first use",
+        gpu_id=entry.gpu_id,
+        created_at=entry.created_at,
+        details=details if details is not None else UNSET,
+    )
+
+
+def _download_view(rec: DownloadRecord) -> ModelView:
+    spec = rec.engine or EngineSpec()
+    return ModelView(
+        model_id=rec.model_id,
+        status=rec.status,
+        available=False,
+        model_type=rec.model_type,
+        type=rec.model_type,
+        inference_engine=spec.inference_engine,
+        model_path=rec.local_path,
+        main_gpu_id=spec.main_gpu_id,
+        load_immediately=spec.load_immediately,
+        loading_parameters=spec.loading_parameters,
+        message=f"The model's startup download is {rec.status}; see /v1/downloads/{rec.model_id}",
+        download_url=rec.url,
+    )
+
+
+async def _start_download(kernel: Kernel, body: AddModelRequest, spec: EngineSpec) -> Response[Any]:
+    url = body.model_path
+    existing = kernel.downloads.records.get(body.model_id)
+    if existing is not None and existing.status not in TERMINAL and existing.url == url:
+        return Response(ModelDownloadStarted(
+            model_id=body.model_id, model_type=existing.model_type, status=existing.status,
+            message=f"Model download already in progress. Use /downloads/{body.model_id} to "
+                    "check status.",
+            download_url=url, local_path=existing.local_path,
+        ), status_code=202)
+    model_type = body.model_type or _guess_type(body.model_id, url)
+    rec = await kernel.downloads.create(
+        model_id=body.model_id, url=url, model_type=model_type,  # type: ignore[arg-type]
+        engine=spec,
+    )
+    kernel.engines.infer_type_on_create(body.model_id, body.model_type is None)
+    return Response(ModelDownloadStarted(
+        model_id=rec.model_id, model_type=rec.model_type, status="downloading",
+        message="Download started in background", download_url=url, local_path=rec.local_path,
+    ), status_code=202)
+
+
+async def _create_local(kernel: Kernel, body: AddModelRequest, spec: EngineSpec) -> Response[Any]:
+    path = await asyncio.to_thread(_existing_path, body.model_path)
+    if path is None:
+        raise ApiError(400, f"Model path '{body.model_path}' does not exist. Please verify the "
+                       "path is correct.", param="model_path", code="model_path_not_found")
+    pending = kernel.downloads.records.get(body.model_id)
+    if pending is not None and pending.status not in TERMINAL:
+        raise DownloadExists(body.model_id, pending.status)
+    started = time.monotonic()
+    try:
+        engine = await kernel.engines.create(
+            body.model_id, path, body.model_type or AUTO_TYPE, spec
+        )
+    except EngineError as exc:
+        raise ApiError(422, exc.message, param="model_path", code="model_loading_failed") from exc
+    seconds = time.monotonic() - started
+    kernel.bus.publish(EngineCreated(body.model_id, engine.model_type, spec.inference_engine,
+                                     seconds=seconds))
+    state = kernel.engines.state(body.model_id)
+    details = kernel.engines.details(body.model_id)
+    return Response(ModelAdded(
+        model_id=body.model_id,
+        model_path=path,
+        model_type=engine.model_type,
+        status="loaded" if state == "loaded" else "created",
+        load_immediately=spec.load_immediately,
+        loading_parameters=spec.loading_parameters,
+        main_gpu_id=spec.main_gpu_id,
+        inference_engine=spec.inference_engine,
+        message="Engine added successfully",
+        details=details if details is not None else UNSET,
+    ), status_code=201)
+
+
+def _existing_path(path: str) -> str | None:
+    """The absolute form of a local ``model_path``, or None when nothing is there."""
+    full = os.path.abspath(os.path.expanduser(path))
+    return full if os.path.exists(full) else None
+
+
+def _float32_base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+# --- the controller ---------------------------------------------------------------------------
+
+
+class ModelsController(Controller):
+    """Mounted under ``/v1`` and ``/`` like the downloads controller."""
+
+    path = "/"
+
+    @post("/models", status_code=201, tags=["models"],
+          summary="Add a model: a URL starts a download (202), a local path loads now (201)")
+    async def add_model(
+        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
+    ) -> Response[ModelAdded | ModelDownloadStarted]:
+        body = msgspec.convert(data, AddModelRequest)  # a 400 names the offending field
+        validate_model_id(body.model_id)
+        spec = EngineSpec(
+            load_immediately=body.load_immediately,
+            main_gpu_id=body.main_gpu_id,
+            inference_engine=body.inference_engine or kernel.engines.default_backend
+            or DEFAULT_BACKEND,
+            loading_parameters=body.loading_parameters,
+        )
+        kernel.engines.validate(spec, prefix="")
+        if kernel.engines.get(body.model_id) is not None:
+            raise ApiError(
+                409, f"Model ID '{body.model_id}' is already registered; remove it first with "
+                f"DELETE /v1/models/{body.model_id}.", param="model_id", code="model_exists",
+            )
+        if _URL.match(body.model_path):
+            return await _start_download(kernel, body, spec)
+        return await _create_local(kernel, body, spec)
+
+    @get("/models", tags=["models"], summary="Registered models and startup downloads under way")
+    async def list_models(self, kernel: KernelDep) -> ModelList:
+        views = [_engine_view(kernel, entry) for entry in kernel.engines.registered()]
+        seen = {view.model_id for view in views}
+        views += [
+            _download_view(rec) for rec in kernel.downloads.list()
+            if rec.download_type == "startup" and rec.model_id not in seen
+        ]
+        return ModelList(models=views, total_count=len(views))
+
+    @get("/models/{model_id:str}", tags=["models"], summary="One model")
+    async def get_model(self, model_id: FromPath[str], kernel: KernelDep) -> ModelView:
+        _path_id(model_id)
+        entry = kernel.engines.entries.get(model_id)
+        if entry is not None and kernel.engines.get(model_id) is not None:
+            return _engine_view(kernel, entry)
+        rec = _active_startup(kernel, model_id)
+        if rec is None:
+            raise _not_found(model_id, "model_id")
+        return _download_view(rec)
+
+    @delete("/models/{model_id:str}", status_code=200, tags=["models"],
+            summary="Unload and forget a model (cancelling its startup download if under way)")
+    async def remove_model(self, model_id: FromPath[str], kernel: KernelDep) -> ModelRemoved:
+        _path_id(model_id)
+        cancelled = False
+        if _active_startup(kernel, model_id) is not None:
+            await kernel.downloads.cancel(model_id)
+            cancelled = True
+        kernel.engines.infer_type_on_create(model_id, False)
+        if not await kernel.engines.remove(model_id) and not cancelled:
+            raise _not_found(model_id, "model_id")
+        return ModelRemoved(model_id=model_id, status="removed",
+                            message="Model removed successfully")
+
+    @get("/engines", tags=["engines"], summary="Inference engine backends and visible GPUs")
+    async def list_engines(self, kernel: KernelDep) -> EngineList:
+        default = kernel.engines.default_backend
+        backends = [
+            BackendView(
+                name=b.name,
+                aliases=list(getattr(b, "aliases", ())),
+                description=getattr(b, "description", None),
+                version=getattr(b, "version", None),
+                available=bool(getattr(b, "available", True)),
+                is_default=b.name == default,
+            )
+            for b in kernel.engines.backend_list
+        ]
+        gpus = [GpuView(id=g.id, name=g.name, total_memory=g.total_memory,
+                        free_memory=g.free_memory) for g in kernel.engines.gpus]
+        return EngineList(inference_engines=backends, default_engine=default,
+                          total_count=len(backends), gpus=gpus)
+
+    @post("/completions", status_code=200, tags=["inference"],
+          summary="OpenAI text completion (non-streaming) from an llm model")
+    async def completions(
+        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
+    ) -> TextCompletion:
+        body = msgspec.convert(data, CompletionRequest)
+        if body.stream:
+            raise InvalidRequest("Streaming is not supported; set stream to false.", param="stream")
+        if kernel.engines.get(body.model) is None:
+            raise _not_found(body.model, "model")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise InvalidRequest("prompt must not be empty.", param="prompt")
+        choices: list[CompletionChoice] = []
+        prompt_tokens = completion_tokens = 0
+        for index, prompt in enumerate(prompts):
+            result = await kernel.engines.complete(body.model, prompt, body.max_tokens)
+            choices.append(CompletionChoice(text=result.text, index=index,
+                                            finish_reason=result.finish_reason))
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+        return TextCompletion(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+            choices=choices,
+            usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                  total_tokens=prompt_tokens + completion_tokens),
+        )
+
+    @post("/embeddings", status_code=200, tags=["inference"],
+          summary="OpenAI embeddings from an embedding model")
+    async def embeddings(
+        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
+    ) -> EmbeddingList:
+        body = msgspec.convert(data, EmbeddingRequest)
+        if kernel.engines.get(body.model) is None:
+            raise _not_found(body.model, "model")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or not all(texts):
+            raise InvalidRequest("input must be a non-empty string or a list of them.",
+                                 param="input")
+        vectors, tokens = await kernel.engines.embed(body.model, texts)
+        encode = _float32_base64 if body.encoding_format == "base64" else list
+        return EmbeddingList(
+            data=[EmbeddingItem(index=i, embedding=encode(v)) for i, v in enumerate(vectors)],
+            model=body.model,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
