@@ -90,18 +90,26 @@ class Kernel:
                 self.settings, self.plugins, self._store, self.bus, self.engines, self.metrics
             )
             await self._downloads.start()
+            self._lag_watch = asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag")
+            for entry in self.settings.models:
+                await self._boot_model(entry)
+            await self.plugins.startup(self)
         except BaseException:
-            if self._store is not None:
-                await self._store.close()
-            self._lock.release()
+            await self._abort_start()
             raise
-        self._lag_watch = asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag")
-        for entry in self.settings.models:
-            await self._boot_model(entry)
-        await self.plugins.startup(self)
         self.started = True
         log.info("kernel.started", plugins=self.plugins.names(),
                  models_dir=str(self._downloads.models_dir))
+
+    async def _abort_start(self) -> None:
+        """Undo a start that failed half way: nothing stays locked, open or running."""
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+        if self._downloads is not None:
+            await self._downloads.stop()
+        if self._store is not None:
+            await self._store.close()
+        self._lock.release()
 
     def _observe(self, event: Event) -> None:
         self.metrics.observe(event)
@@ -117,6 +125,14 @@ class Kernel:
         except msgspec.DecodeError as exc:
             log.warning("settings.saved_unreadable", error=str(exc))
             return
+        differs = {
+            key: value
+            for key, value in msgspec.to_builtins(saved).items()
+            if msgspec.to_builtins(self.settings.downloads).get(key) != value
+        }
+        if differs:
+            log.warning("settings.runtime_override", note="set with PATCH /v1/settings; they "
+                        "win over the config file until changed again", overrides=differs)
         self.settings.downloads = saved
 
     async def update_download_settings(self, patch: dict[str, Any]) -> DownloadSettings:

@@ -241,13 +241,16 @@ class DownloadManager:
         if max_bytes_per_second < 0:
             raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
         source = self.plugins.resolve_source(url)
-        resolve_filename = getattr(source, "resolve_filename", None)
-        if resolve_filename is not None:
-            # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf": it
-            # lists the repository); its ref then names that one file, and the record keeps it.
-            filename = await resolve_filename(filename)
-            url = source.ref
-        name = validate_filename(filename) if filename else _default_filename(source, model_id)
+        try:
+            resolve_filename = getattr(source, "resolve_filename", None)
+            if resolve_filename is not None:
+                # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf":
+                # it lists the repository); its ref then names that one file, kept in the record.
+                filename = await resolve_filename(filename)
+                url = source.ref
+            name = validate_filename(filename) if filename else _default_filename(source, model_id)
+        finally:
+            await source.aclose()  # the transfer task resolves its own
         if engine is not None:
             self.engines.validate(engine)
         async with self._locks[model_id]:

@@ -83,7 +83,8 @@ class Plugins:
         source: Source | None = self.pm.hook.resolve_source(ref=ref, settings=self.settings)
         if source is None:
             raise InvalidRequest(
-                f"No source plugin can fetch {ref!r}: use an http(s):// or hf:// reference.",
+                f"No loaded source plugin can fetch {ref[:200]!r} (the builtin ones fetch "
+                "http://, https:// and hf:// references).",
                 param="url",
             )
         return source

@@ -179,6 +179,7 @@ class Transfer:
         self.on_bytes = on_bytes
         self.on_retry = on_retry
         self._segments_ok = True
+        self._transferred_at_failure = 0
         self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
         self._shared_bucket = shared_bucket
 
@@ -208,7 +209,13 @@ class Transfer:
                 await self._backoff(exc)
 
     async def _backoff(self, exc: TransientError) -> None:
+        """Count a failure and wait before the next try. The count is of failures in a row
+        without progress: an attempt that moved bytes starts the count again, so a long
+        download over a link that drops now and then is never failed for that."""
         rec, retry = self.rec, self.settings.retry
+        if self.transferred > self._transferred_at_failure:
+            rec.attempts = 0
+        self._transferred_at_failure = self.transferred
         rec.attempts += 1
         rec.last_error = exc.message
         if rec.attempts > retry.attempts:

@@ -162,8 +162,8 @@ async def test_a_part_from_another_url_is_never_spliced(client: Any, origin: Ori
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [("http://127.0.0.1/a\x00b", "control"), ("http://127.0.0.1/a\nb", "control"),
-     ("http://127.0.0.1/" + "a" * 9000, "8192"), ("file:///etc/passwd", "No source plugin"),
-     ("javascript:alert(1)", "No source plugin")],
+     ("http://127.0.0.1/" + "a" * 9000, "8192"), ("file:///etc/passwd", "No loaded source plugin"),
+     ("javascript:alert(1)", "No loaded source plugin")],
 )
 async def test_hostile_urls_are_rejected(client: Any, url: str, fragment: str) -> None:
     error = assert_error(await client.post("/v1/downloads", json={"model_id": "h", "url": url}),
