@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, TypeAlias
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.enums import RequestEncodingType
+from litestar.openapi import ResponseSpec
+from litestar.params import Body, FromPath, FromQuery, JSONBody
 
+from kernel.api.deps import Downloads
+from kernel.api.errors import error_responses
 from kernel.api.schemas import (
     ActionResult,
     BulkCancelResult,
     BulkSummary,
+    CancelAll,
     CancelledDownload,
     CancelResult,
     CreateDownload,
@@ -23,8 +28,8 @@ from kernel.api.schemas import (
     ListSummary,
     PriorityRequest,
     PurgeResult,
+    inline_schemas,
 )
-from kernel.api.deps import Downloads
 from kernel.downloads import DownloadManager, validate_model_id
 from kernel.errors import InvalidRequest
 from kernel.transfer import now_ms
@@ -33,6 +38,24 @@ from kernel.types import ACTIVE, TERMINAL, DownloadRecord
 __all__ = ["DownloadsController"]
 
 ALL_STATUSES = ACTIVE | TERMINAL
+
+# The create body is decoded by hand (it may also be {"action": "cancel_all"}), so its schema
+# is given here: exactly one of CreateDownload and CancelAll.
+CreateBody: TypeAlias = Annotated[
+    dict[str, Any],
+    Body(
+        media_type=RequestEncodingType.JSON,
+        description='A download to start (CreateDownload), or {"action": "cancel_all"}',
+        schema_extra={
+            "type": None,
+            "additional_properties": None,
+            "one_of": inline_schemas(CreateDownload, CancelAll),
+        },
+    ),
+]
+# Handlers that look a download up by its path id (and those that also take a body).
+BY_ID = error_responses(400, 404)
+BY_ID_WITH_BODY = error_responses(400, 404, 413)
 
 
 def _path_id(model_id: str) -> str:
@@ -86,7 +109,9 @@ def _cancel_all(downloads_result: Any) -> BulkCancelResult:
             regular_cancellations=len(cancelled) - startup,
         ),
         cancelled_downloads=rows,
-        failed_cancellations=[FailedCancellation(model_id=m, status=s, reason=r) for m, s, r in failed],
+        failed_cancellations=[
+            FailedCancellation(model_id=m, status=s, reason=r) for m, s, r in failed
+        ],
         timestamp=now,
     )
 
@@ -95,7 +120,11 @@ class DownloadsController(Controller):
     path = "/downloads"
     tags = ["downloads"]
 
-    @get("/", summary="List downloads (active ones unless ?status= widens the list)")
+    @get(
+        "/",
+        summary="List downloads (active ones unless ?status= widens the list)",
+        responses=error_responses(400),
+    )
     async def list_downloads(
         self,
         downloads: Downloads,
@@ -116,9 +145,18 @@ class DownloadsController(Controller):
             timestamp=now,
         )
 
-    @post("/", status_code=202, summary="Start a download, or cancel all with {\"action\": \"cancel_all\"}")
+    @post(
+        "/",
+        status_code=202,
+        summary="Start a download, or cancel all with {\"action\": \"cancel_all\"}",
+        responses={
+            202: ResponseSpec(Download, description="The download was created (detail body)"),
+            200: ResponseSpec(BulkCancelResult, description='{"action": "cancel_all"}: bulk body'),
+            **error_responses(400, 409, 413),
+        },
+    )
     async def create(
-        self, data: JSONBody[dict[str, Any]], downloads: Downloads
+        self, data: CreateBody, downloads: Downloads
     ) -> Response[Download | BulkCancelResult]:
         if "action" in data:
             if data["action"] != "cancel_all" or len(data) != 1:
@@ -137,15 +175,15 @@ class DownloadsController(Controller):
         )
         return Response(_view(downloads, rec, detail=True, now=now_ms()), status_code=202)
 
-    @delete("/", status_code=200, summary="Cancel all downloads")
+    @delete("/", status_code=200, summary="Cancel all downloads", responses=error_responses())
     async def cancel_all(self, downloads: Downloads) -> BulkCancelResult:
         return _cancel_all(await downloads.cancel_all())
 
-    @post("/cancel", status_code=200, summary="Cancel all downloads")
+    @post("/cancel", status_code=200, summary="Cancel all downloads", responses=error_responses())
     async def cancel_all_post(self, downloads: Downloads) -> BulkCancelResult:
         return _cancel_all(await downloads.cancel_all())
 
-    @get("/{model_id:str}", summary="One download in detail")
+    @get("/{model_id:str}", summary="One download in detail", responses=BY_ID)
     async def detail(self, model_id: FromPath[str], downloads: Downloads) -> Download:
         rec = downloads.get(_path_id(model_id))
         return _view(downloads, rec, detail=True, now=now_ms())
@@ -154,6 +192,7 @@ class DownloadsController(Controller):
         "/{model_id:str}",
         status_code=200,
         summary="Cancel one download; ?purge=true forgets an ended one (&delete_file=true too)",
+        responses=BY_ID,
     )
     async def cancel(
         self,
@@ -175,28 +214,43 @@ class DownloadsController(Controller):
             timestamp=now_ms(),
         )
 
-    @post("/{model_id:str}/cancel", status_code=200, summary="Cancel one download")
+    @post(
+        "/{model_id:str}/cancel", status_code=200, summary="Cancel one download", responses=BY_ID
+    )
     async def cancel_post(self, model_id: FromPath[str], downloads: Downloads) -> CancelResult:
         return await self._cancel(model_id, downloads)
 
-    @post("/{model_id:str}/pause", status_code=200, summary="Pause a download")
+    @post(
+        "/{model_id:str}/pause", status_code=200, summary="Pause a download", responses=BY_ID
+    )
     async def pause(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
         await downloads.pause(_path_id(model_id))
         return ActionResult(success=True, message="Download paused successfully", model_id=model_id)
 
-    @post("/{model_id:str}/resume", status_code=200, summary="Resume a paused download")
+    @post(
+        "/{model_id:str}/resume", status_code=200, summary="Resume a paused download",
+        responses=BY_ID,
+    )
     async def resume(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
         await downloads.resume(_path_id(model_id))
-        return ActionResult(success=True, message="Download resumed successfully", model_id=model_id)
+        return ActionResult(
+            success=True, message="Download resumed successfully", model_id=model_id
+        )
 
-    @post("/{model_id:str}/priority", status_code=200, summary="Reorder the queue")
+    @post(
+        "/{model_id:str}/priority", status_code=200, summary="Reorder the queue",
+        responses=BY_ID_WITH_BODY,
+    )
     async def priority(
         self, model_id: FromPath[str], data: JSONBody[PriorityRequest], downloads: Downloads
     ) -> Download:
         rec = await downloads.set_priority(_path_id(model_id), data.priority)
         return _view(downloads, rec, detail=True, now=now_ms())
 
-    @post("/{model_id:str}/limit", status_code=200, summary="Cap one download's bandwidth")
+    @post(
+        "/{model_id:str}/limit", status_code=200, summary="Cap one download's bandwidth",
+        responses=BY_ID_WITH_BODY,
+    )
     async def limit(
         self, model_id: FromPath[str], data: JSONBody[LimitRequest], downloads: Downloads
     ) -> Download:

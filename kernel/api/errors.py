@@ -14,6 +14,7 @@ from litestar.exceptions import (
     NotFoundException,
     ValidationException,
 )
+from litestar.openapi import ResponseSpec
 
 from kernel.api.schemas import ErrorBody, ErrorDetail
 from kernel.config import ConfigError
@@ -26,7 +27,14 @@ from kernel.errors import (
     KernelError,
 )
 
-__all__ = ["ApiError", "error_response", "handle_error", "param_of", "to_api_error"]
+__all__ = [
+    "ApiError",
+    "error_response",
+    "error_responses",
+    "handle_error",
+    "param_of",
+    "to_api_error",
+]
 
 log = structlog.get_logger()
 
@@ -43,6 +51,35 @@ TABLE: dict[type[KernelError], tuple[int, str, str | None]] = {
     ConfigError: (400, INVALID, None),
     EngineError: (500, SERVER, "engine_error"),
 }
+
+# What each error status means, for the OpenAPI document (the body is always ErrorBody).
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request (invalid_request_error); `param` names the field or `path`",
+    401: "Missing or wrong API key when auth.require_api_key is set "
+    "(authentication_error, code invalid_api_key)",
+    404: "Nothing with this model ID (not_found_error)",
+    409: "A download with this model ID is still under way "
+    "(invalid_request_error, code download_exists)",
+    413: "Request body larger than auth.max_body_bytes (invalid_request_error)",
+    422: "The model file could not be loaded (invalid_request_error, code model_loading_failed)",
+    429: "Too many requests (rate_limit_error, code rate_limit_exceeded); see Retry-After",
+    500: "Internal error (server_error); never carries a traceback",
+}
+# Every route behind the edge can answer these, whatever its handler does.
+EDGE_STATUSES = (401, 429, 500)
+
+
+def error_responses(*statuses: int, edge: bool = True) -> dict[int, ResponseSpec]:
+    """OpenAPI ``responses=`` for a route handler: ErrorBody under each status it can answer
+    with (and, with ``edge``, the edge's 401/429 and the catch-all 500). Replaces Litestar's
+    default 400 schema, which documents its own error shape rather than ours."""
+    wanted = sorted({*statuses, *(EDGE_STATUSES if edge else ())})
+    return {
+        status: ResponseSpec(ErrorBody, description=ERROR_DESCRIPTIONS[status],
+                             generate_examples=False)
+        for status in wanted
+    }
+
 
 _DOWNLOADS_PATH = re.compile(r"^/(v1/)?downloads(/|$)")
 _EMPTY_ID = re.compile(r"^/(v1/)?downloads//")
@@ -81,7 +118,9 @@ def _type_for(status: int) -> str:
     )
 
 
-def to_api_error(request: Request[Any, Any, Any], exc: Exception) -> tuple[int, ErrorDetail, dict[str, str]]:
+def to_api_error(
+    request: Request[Any, Any, Any], exc: Exception
+) -> tuple[int, ErrorDetail, dict[str, str]]:
     """Pure mapping: (status, error detail, extra headers) for any exception."""
     if isinstance(exc, ApiError):
         return exc.status, exc.detail, exc.headers
@@ -98,13 +137,9 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception) -> tuple[int, 
             return status, ErrorDetail(message=exc.message, type=type_, param=param, code=code), {}
     if isinstance(exc, msgspec.ValidationError):
         return 400, ErrorDetail(message=f"Invalid request body: {exc}", type=INVALID,
-                                param=param_of(exc)), {}
+                                param=param_of(exc), code=None), {}
     if isinstance(exc, ValidationException):
-        extra = exc.extra if isinstance(exc.extra, list) else []
-        param = extra[0].get("key") if extra and isinstance(extra[0], dict) else None
-        message = extra[0].get("message") if extra and isinstance(extra[0], dict) else None
-        detail = f"{exc.detail}: {message}" if message else str(exc.detail)
-        return 400, ErrorDetail(message=detail, type=INVALID, param=param), {}
+        return 400, _validation_detail(exc), {}
     in_downloads = _DOWNLOADS_PATH.match(request.url.path) is not None
     if in_downloads and _EMPTY_ID.match(request.url.path):
         return 400, ErrorDetail(
@@ -114,23 +149,43 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception) -> tuple[int, 
     if isinstance(exc, NotFoundException) and in_downloads:
         return 400, ErrorDetail(
             message=f"Invalid endpoint: {request.method} {request.url.path}",
-            type=INVALID, code="invalid_endpoint",
+            type=INVALID, param=None, code="invalid_endpoint",
         ), {}
     if isinstance(exc, NotFoundException):
         return 404, ErrorDetail(message=f"Not found: {request.url.path}", type=NOT_FOUND,
-                                code="not_found"), {}
+                                param=None, code="not_found"), {}
     if isinstance(exc, MethodNotAllowedException):
         return 405, ErrorDetail(
             message=f"Method {request.method} is not allowed on {request.url.path}",
-            type=INVALID, code="method_not_allowed",
+            type=INVALID, param=None, code="method_not_allowed",
         ), dict(exc.headers or {})
     if isinstance(exc, HTTPException):
-        return exc.status_code, ErrorDetail(message=str(exc.detail), type=_type_for(exc.status_code)), dict(exc.headers or {})
+        detail = ErrorDetail(message=str(exc.detail), type=_type_for(exc.status_code),
+                             param=None, code=None)
+        return exc.status_code, detail, dict(exc.headers or {})
     log.error("api.internal_error", path=request.url.path, exc_info=exc)
-    return 500, ErrorDetail(message="Server error: Internal processing failed", type=SERVER), {}
+    return 500, ErrorDetail(message="Server error: Internal processing failed", type=SERVER,
+                            param=None, code=None), {}
 
 
-def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Response[ErrorBody]:
+def _validation_detail(exc: ValidationException) -> ErrorDetail:
+    """Litestar's validation error in our shape. Its key ``data`` is the whole body, a name
+    the client never sent: ``param`` then names the field the message is about, if any."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    first = extra[0] if extra and isinstance(extra[0], dict) else {}
+    param, message = first.get("key"), first.get("message")
+    if param == "data" and first.get("source") == "body":
+        if message == "'data'":  # no body at all
+            message = "a JSON object body is required"
+        field = _MSGSPEC_FIELD.search(message or "")
+        param = field.group(1) if field else None
+    detail = f"{exc.detail}: {message}" if message else str(exc.detail)
+    return ErrorDetail(message=detail, type=INVALID, param=param, code=None)
+
+
+def error_response(
+    status: int, detail: ErrorDetail, headers: dict[str, str] | None = None
+) -> Response[ErrorBody]:
     return Response(ErrorBody(error=detail), status_code=status, headers=headers or {})
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from kernel.config import DownloadSettings
 from kernel.transfer import now_ms
 from kernel.types import DownloadRecord, EngineSpec
 
@@ -20,6 +21,7 @@ __all__ = [
     "ActionResult",
     "BulkCancelResult",
     "BulkSummary",
+    "CancelAll",
     "CancelResult",
     "CancelledDownload",
     "CreateDownload",
@@ -34,10 +36,12 @@ __all__ = [
     "LimitRequest",
     "ListSummary",
     "PriorityRequest",
-    "Readiness",
-    "PurgeResult",
     "Progress",
+    "PurgeResult",
+    "Readiness",
+    "RuntimeSettings",
     "Timing",
+    "inline_schemas",
 ]
 
 
@@ -53,10 +57,12 @@ class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ErrorDetail(_Wire):
+    """All four keys are always sent (``param`` and ``code`` may be null), so none has a default."""
+
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None
+    code: str | None
 
 
 class ErrorBody(_Wire):
@@ -335,3 +341,35 @@ class CreateDownload(_Request):
     priority: int = 0
     max_bytes_per_second: int = 0
     engine_creation: EngineCreationRequest | None = None
+
+
+class CancelAll(_Request):
+    """``POST /v1/downloads`` with this body is Kolosal's bulk cancel."""
+
+    action: Literal["cancel_all"]
+
+
+class RuntimeSettings(_Wire):
+    """``GET``/``PATCH /v1/settings``: the settings that can change at run time."""
+
+    downloads: DownloadSettings
+
+
+# --- OpenAPI helpers ------------------------------------------------------------------------
+
+
+def inline_schemas(*types: type) -> list[dict[str, Any]]:
+    """msgspec's JSON Schema of each type with every ``$ref`` inlined, for a body whose
+    handler decodes it by hand (so Litestar has no component to point at)."""
+    schemas, defs = msgspec.json.schema_components(types, ref_template="{name}")
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return [inline(schema) for schema in schemas]

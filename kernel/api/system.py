@@ -5,21 +5,39 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from typing import Any
+from typing import Annotated, Any, TypeAlias
 
 from litestar import Controller, Response, get, patch
-from litestar.params import JSONBody
+from litestar.enums import RequestEncodingType
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Reference
+from litestar.params import Body
 
 from kernel import __version__
 from kernel.api.deps import KernelDep
-from kernel.api.schemas import Health, Readiness
-from kernel.config import DownloadSettings
+from kernel.api.errors import error_responses
+from kernel.api.schemas import Health, Readiness, RuntimeSettings
 from kernel.errors import InvalidRequest
 from kernel.metrics import CONTENT_TYPE
 
 __all__ = ["MIN_FREE_BYTES", "SettingsController", "SystemController"]
 
 MIN_FREE_BYTES = 256 << 20  # readiness fails below this much free disk in models_dir
+
+# The patch is merged by hand into the settings in force, so its schema is given here: any
+# subset of the downloads section (every DownloadSettings field has a default, so a partial
+# section is a valid DownloadSettings document).
+SettingsPatch: TypeAlias = Annotated[
+    dict[str, Any],
+    Body(
+        media_type=RequestEncodingType.JSON,
+        description="Any subset of the downloads section; nested objects (retry) merge too",
+        schema_extra={
+            "properties": {"downloads": Reference("#/components/schemas/DownloadSettings")},
+            "additional_properties": False,
+        },
+    ),
+]
 
 
 class SystemController(Controller):
@@ -29,7 +47,14 @@ class SystemController(Controller):
     async def health(self) -> Health:
         return Health(status="ok", version=__version__)
 
-    @get("/health/ready", summary="Readiness: store, models_dir writable, free disk")
+    @get(
+        "/health/ready",
+        summary="Readiness: store, models_dir writable, free disk",
+        responses={
+            503: ResponseSpec(Readiness, description="Not ready: `checks` says what failed"),
+            **error_responses(),
+        },
+    )
     async def ready(self, kernel: KernelDep) -> Response[Readiness]:
         checks: dict[str, str] = {}
         try:
@@ -49,7 +74,10 @@ class SystemController(Controller):
         body = Readiness(status="ready" if ready else "not_ready", checks=checks)
         return Response(body, status_code=200 if ready else 503)
 
-    @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
+    @get(
+        "/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE,
+        responses=error_responses(),
+    )
     async def metrics(self, kernel: KernelDep) -> Response[bytes]:
         return Response(kernel.metrics.render(kernel.downloads), media_type=CONTENT_TYPE)
 
@@ -58,14 +86,17 @@ class SettingsController(Controller):
     path = "/settings"
     tags = ["settings"]
 
-    @get("/", summary="The downloads settings in force")
-    async def get_settings(self, kernel: KernelDep) -> dict[str, DownloadSettings]:
-        return {"downloads": kernel.settings.downloads}
+    @get("/", summary="The downloads settings in force", responses=error_responses())
+    async def get_settings(self, kernel: KernelDep) -> RuntimeSettings:
+        return RuntimeSettings(downloads=kernel.settings.downloads)
 
-    @patch("/", status_code=200, summary="Change downloads settings at run time (persisted)")
-    async def patch_settings(
-        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
-    ) -> dict[str, DownloadSettings]:
+    @patch(
+        "/",
+        status_code=200,
+        summary="Change downloads settings at run time (persisted)",
+        responses=error_responses(400, 413),
+    )
+    async def patch_settings(self, data: SettingsPatch, kernel: KernelDep) -> RuntimeSettings:
         unknown = set(data) - {"downloads"}
         if unknown:
             raise InvalidRequest(
@@ -75,4 +106,4 @@ class SettingsController(Controller):
         section = data.get("downloads", {})
         if not isinstance(section, dict):
             raise InvalidRequest("downloads must be an object.", param="downloads")
-        return {"downloads": await kernel.update_download_settings(section)}
+        return RuntimeSettings(downloads=await kernel.update_download_settings(section))
