@@ -79,8 +79,20 @@ def _statuses(value: str | None) -> frozenset[str] | None:
     return wanted
 
 
-def _view(downloads: DownloadManager, rec: DownloadRecord, *, detail: bool, now: int) -> Download:
-    position = downloads.queue_position(rec.model_id) if rec.status == "queued" else None
+def _view(
+    downloads: DownloadManager,
+    rec: DownloadRecord,
+    *,
+    detail: bool,
+    now: int,
+    positions: dict[str, int] | None = None,
+) -> Download:
+    """The wire object; ``positions`` (from one ``queue_positions()``) serves a whole list."""
+    position = None
+    if rec.status == "queued":
+        position = (positions if positions is not None else downloads.queue_positions()).get(
+            rec.model_id
+        )
     return Download.from_record(rec, detail=detail, queue_position=position, now=now)
 
 
@@ -132,9 +144,12 @@ class DownloadsController(Controller):
     ) -> DownloadList:
         records = downloads.list(_statuses(status))
         now = now_ms()
+        positions = downloads.queue_positions()
         active = [r for r in records if r.status not in TERMINAL]
         return DownloadList(
-            active_downloads=[_view(downloads, r, detail=False, now=now) for r in records],
+            active_downloads=[
+                _view(downloads, r, detail=False, now=now, positions=positions) for r in records
+            ],
             summary=ListSummary(
                 total_active=len(active),
                 startup_downloads=sum(r.download_type == "startup" for r in active),

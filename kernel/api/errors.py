@@ -160,7 +160,14 @@ def to_api_error(
             type=INVALID, param=None, code="method_not_allowed",
         ), dict(exc.headers or {})
     if isinstance(exc, HTTPException):
-        detail = ErrorDetail(message=str(exc.detail), type=_type_for(exc.status_code),
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            limit = getattr(request.app, "request_max_body_size", None)
+            message = (
+                f"The request body is larger than this server accepts ({limit} bytes; "
+                "the limit is the auth.max_body_bytes setting)."
+            )
+        detail = ErrorDetail(message=message, type=_type_for(exc.status_code),
                              param=None, code=None)
         return exc.status_code, detail, dict(exc.headers or {})
     log.error("api.internal_error", path=request.url.path, exc_info=exc)
