@@ -1,4 +1,13 @@
-"""``modelkernel serve``: run the server on a config file (or the embedded defaults)."""
+"""The ``modelkernel`` command.
+
+``serve`` runs the server on a config file (or the embedded defaults). The other commands talk
+to a running server over HTTP (``--server URL`` or MODELKERNEL_SERVER, ``--api-key K`` or
+MODELKERNEL_API_KEY): ``pull``, ``ls``, ``show``, ``pause``, ``resume``, ``cancel``.
+
+Exit codes: 0 ok, 1 the API answered with an error (its message goes to stderr), 2 usage,
+3 cannot connect to the server, 4 the download ended failed or cancelled (``pull --wait``),
+130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +15,9 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -17,13 +27,25 @@ from kernel.config import ConfigError, Settings, load_settings
 from kernel.errors import KernelError
 from kernel.log import configure_logging
 
+if TYPE_CHECKING:
+    from kernel.api.schemas import Download
+    from kernel.client import Client
+
 __all__ = ["main"]
+
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_CONNECT, EXIT_ENDED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 log = structlog.get_logger()
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelkernel", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="modelkernel",
+        description="Run a modelkernel server, or start, watch and control its downloads.",
+        epilog="Exit codes: 0 ok, 1 API error, 2 usage, 3 cannot connect, "
+        "4 download failed or cancelled (pull --wait), 130 interrupted.",
+        parents=[_common(suppress=False)],
+    )
     parser.add_argument("--version", action="version", version=f"modelkernel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server")
@@ -34,7 +56,42 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="where the state database lives (storage.state_dir)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
+    _add_client_commands(commands, _common(suppress=True))
     return parser
+
+
+def _common(*, suppress: bool) -> argparse.ArgumentParser:
+    """``--server`` and ``--api-key``, accepted before or after the command name."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    common.add_argument("--server", default=default, metavar="URL",
+                        help="server URL (env MODELKERNEL_SERVER, default http://127.0.0.1:8080)")
+    common.add_argument("--api-key", default=default, metavar="K",
+                        help="API key, sent as X-API-Key (env MODELKERNEL_API_KEY)")
+    return common
+
+
+def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    pull = commands.add_parser("pull", parents=[common], help="start a download")
+    pull.add_argument("ref", metavar="REF", help="http(s)://..., hf://owner/repo/file.gguf[@rev]")
+    pull.add_argument("--id", required=True, dest="model_id", help="the model id to store it as")
+    pull.add_argument("--wait", action="store_true",
+                      help="follow it with a progress bar until it ends")
+    pull.add_argument("--sha256", help="expected SHA-256 of the file")
+    pull.add_argument("--filename", help="file name under the models directory")
+    pull.add_argument("--type", dest="model_type", choices=["llm", "embedding"], help="model type")
+    ls = commands.add_parser("ls", parents=[common], help="list downloads")
+    ls.add_argument("--all", action="store_true", help="include ended downloads")
+    ls.add_argument("--json", action="store_true", help="print the API's JSON")
+    show = commands.add_parser("show", parents=[common], help="one download in detail")
+    show.add_argument("model_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the API's JSON")
+    for name, text in (("pause", "pause a download"), ("resume", "resume a paused download")):
+        action = commands.add_parser(name, parents=[common], help=text)
+        action.add_argument("model_id", metavar="ID")
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a download (or --all)")
+    cancel.add_argument("model_id", metavar="ID", nargs="?")
+    cancel.add_argument("--all", action="store_true", help="cancel every active download")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -65,15 +122,16 @@ async def _serve(settings: Settings) -> int:
     except KernelError as exc:
         print(f"modelkernel: {exc.message}", file=sys.stderr)  # noqa: T201
         return 1
+    app = create_app(kernel)
     config = uvicorn.Config(
-        create_app(kernel),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=1,
     )
-    server = _Server(config)
+    server = _Server(config, on_exit=app.state.event_streams.close)
     log.info("server.listening", host=settings.server.host, port=settings.server.port)
     try:
         await server.serve()  # the app's lifespan stops the kernel on the way out
@@ -83,7 +141,12 @@ async def _serve(settings: Settings) -> int:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's Server, where a second SIGINT or SIGTERM exits at once."""
+    """uvicorn's Server, where a second SIGINT or SIGTERM exits at once, and the first one
+    also calls ``on_exit`` in the loop (ending event streams, which would hold shutdown)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None = None):
+        super().__init__(config)
+        self.on_exit = on_exit
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -91,13 +154,225 @@ class _Server(uvicorn.Server):
             os._exit(128 + sig)
         log.info("server.stopping", signal=sig)
         super().handle_exit(sig, frame)
+        if self.on_exit is not None:
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(self.on_exit)
+            except RuntimeError:  # no loop running here
+                self.on_exit()
+
+
+# --- the client commands ----------------------------------------------------------------------
+
+
+def _out(text: str = "") -> None:
+    print(text)  # noqa: T201 - this is the CLI's output
+
+
+def _err(text: str) -> None:
+    print(f"modelkernel: {text}", file=sys.stderr)  # noqa: T201
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from kernel.client import DEFAULT_SERVER, Client
+
+    server = getattr(args, "server", None) or os.environ.get("MODELKERNEL_SERVER") or DEFAULT_SERVER
+    key = getattr(args, "api_key", None) or os.environ.get("MODELKERNEL_API_KEY") or None
+    return Client(server, api_key=key, timeout=30.0)
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run one client command; map failures to the documented exit codes."""
+    from kernel.client import ApiConnectionError, ApiError
+
+    commands: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+        "pull": _pull, "ls": _ls, "show": _show, "pause": _pause, "resume": _resume,
+        "cancel": _cancel,
+    }  # fmt: skip
+    try:
+        with _client(args) as client:
+            return commands[args.command](client, args)
+    except ApiConnectionError as exc:
+        _err(exc.message)
+        return EXIT_CONNECT
+    except ApiError as exc:
+        _err(exc.message)
+        return EXIT_API
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _pull(client: Client, args: argparse.Namespace) -> int:
+    from kernel.client import ApiError
+
+    opts = {"sha256": args.sha256, "filename": args.filename, "model_type": args.model_type}
+    try:
+        created = client.create(args.model_id, args.ref, **opts)
+    except ApiError as exc:
+        if not (args.wait and exc.code == "download_exists"):
+            raise
+        _err(f"{args.model_id} is already downloading; following it")
+    else:
+        if not args.wait:
+            _out(f"{created.model_id}: {created.status} -> {created.local_path}")
+            return EXIT_OK
+    try:
+        final = _follow(client, args.model_id)
+    except KeyboardInterrupt:
+        _err(f"stopped following; {args.model_id} goes on on the server "
+             f"(modelkernel cancel {args.model_id} stops it)")
+        return EXIT_INTERRUPTED
+    if final.status == "completed":
+        _out(f"{final.model_id}: completed -> {final.local_path}")
+        return EXIT_OK
+    reason = final.error_message if isinstance(final.error_message, str) else final.status
+    _err(f"{final.model_id} {final.status}: {reason}")
+    return EXIT_ENDED
+
+
+def _follow(client: Client, model_id: str) -> Download:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+        DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
+    )  # fmt: skip
+    final = None
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(model_id, total=None)
+        for final in client.follow(model_id):
+            total = final.progress.total_bytes or None
+            label = model_id if final.status == "downloading" else f"{model_id} ({final.status})"
+            bar.update(task, completed=final.progress.downloaded_bytes, total=total,
+                       description=label)
+    assert final is not None
+    return final
+
+
+def _ls(client: Client, args: argparse.Namespace) -> int:
+    import msgspec
+
+    listing = client.list(all=args.all)
+    if args.json:
+        _out(msgspec.json.encode(listing).decode())
+        return EXIT_OK
+    if not listing.active_downloads:
+        _out("No downloads." if args.all else "No active downloads.")
+        return EXIT_OK
+    rows = [("MODEL ID", "STATUS", "PROGRESS", "DOWNLOADED", "SPEED", "ETA")]
+    for d in listing.active_downloads:
+        p = d.progress
+        eta = d.timing.estimated_remaining_seconds
+        rows.append((
+            d.model_id, d.status, f"{p.percentage:.1f}%",
+            f"{_size(p.downloaded_bytes)} / {_size(p.total_bytes) if p.total_bytes else '?'}",
+            f"{_size(p.download_speed_bps)}/s" if p.download_speed_bps else "-",
+            _duration(eta) if isinstance(eta, int) else "-",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _show(client: Client, args: argparse.Namespace) -> int:
+    import msgspec
+
+    d = client.get(args.model_id)
+    if args.json:
+        _out(msgspec.json.encode(d).decode())
+        return EXIT_OK
+    p, t = d.progress, d.timing
+    total = _size(p.total_bytes) if p.total_bytes else "unknown size"
+    lines = [
+        ("model_id", d.model_id), ("status", d.status),
+        ("type", f"{d.type} ({d.download_type} download)"), ("url", d.url),
+        ("local_path", d.local_path),
+        ("progress", f"{p.percentage:.1f}% ({_size(p.downloaded_bytes)} of {total})"),
+        ("elapsed", _duration(t.elapsed_seconds)),
+    ]  # fmt: skip
+    if p.download_speed_bps > 0:
+        lines.append(("speed", f"{_size(p.download_speed_bps)}/s"))
+    if isinstance(t.estimated_remaining_seconds, int):
+        lines.append(("remaining", _duration(t.estimated_remaining_seconds)))
+    optional: list[tuple[str, Any]] = [
+        ("error", d.error_message), ("last_error", d.last_error), ("attempts", d.attempts),
+        ("sha256", d.sha256), ("queue_position", d.queue_position),
+    ]  # fmt: skip
+    lines += [(label, str(value)) for label, value in optional if isinstance(value, str | int)]
+    engine = d.engine_creation
+    if not isinstance(engine, msgspec.UnsetType):
+        how = "at once" if engine.load_immediately else "on first use"
+        name = engine.inference_engine if isinstance(engine.inference_engine, str) else "engine"
+        lines.append(("engine", f"{name} on GPU {engine.main_gpu_id}, loads {how}"))
+    width = max(len(label) for label, _ in lines) + 1
+    for label, value in lines:
+        _out(f"{(label + ':').ljust(width)} {value}")
+    return EXIT_OK
+
+
+def _pause(client: Client, args: argparse.Namespace) -> int:
+    _out(f"{client.pause(args.model_id).message}: {args.model_id}")
+    return EXIT_OK
+
+
+def _resume(client: Client, args: argparse.Namespace) -> int:
+    _out(f"{client.resume(args.model_id).message}: {args.model_id}")
+    return EXIT_OK
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    if not args.all:
+        result = client.cancel(args.model_id)
+        _out(f"{result.message}: {args.model_id} (was {result.previous_status})")
+        return EXIT_OK
+    bulk = client.cancel_all()
+    _out(f"Cancelled {bulk.summary.successful_cancellations} download(s)")
+    for row in bulk.cancelled_downloads:
+        _out(f"  {row.model_id} (was {row.previous_status})")
+    for failed in bulk.failed_cancellations:
+        _err(f"could not cancel {failed.model_id} ({failed.status}): {failed.reason}")
+    return EXIT_OK if not bulk.failed_cancellations else EXIT_API
+
+
+def _size(n: float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+def _duration(seconds: int) -> str:
+    minutes, secs = divmod(max(0, int(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "serve":
         return serve(args)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    if args.command == "cancel" and bool(args.model_id) == bool(args.all):
+        _err("cancel takes one ID or --all")
+        return EXIT_USAGE
+    return run_client_command(args)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Router
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import RedocRenderPlugin, SwaggerRenderPlugin
 
 from kernel import __version__
+from kernel.api.dashboard import dashboard_handlers
 from kernel.api.downloads import DownloadsController
 from kernel.api.edge import Edge
 from kernel.api.errors import handle_error
+from kernel.api.events import EVENTS_STATE_KEY, EventsController, EventStreams
 from kernel.api.models import ModelsController
 from kernel.api.system import SettingsController, SystemController
 from kernel.core import Kernel
@@ -51,14 +54,18 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
     def provide_kernel() -> Kernel:
         return kernel
 
-    api = [DownloadsController, SettingsController, ModelsController]
+    api = [DownloadsController, EventsController, SettingsController, ModelsController]
     app = App(
         route_handlers=[
             Router(path="/v1", route_handlers=api),
             Router(path="/", route_handlers=api),
             SystemController,
+            *dashboard_handlers(),
             *kernel.plugins.routes(),
         ],
+        state=State({EVENTS_STATE_KEY: EventStreams(
+            kernel.bus, queue_position=lambda model_id: kernel.downloads.queue_position(model_id)
+        )}),
         dependencies={
             "downloads": Provide(provide_downloads, sync_to_thread=False),
             "kernel": Provide(provide_kernel, sync_to_thread=False),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 __all__ = ["EXEMPT_PATHS", "Edge", "RateLimiter"]
 
 EXEMPT_PATHS = frozenset({"/health"})
+# The dashboard page and its files load without a key (the page asks for one itself), and
+# EventSource cannot send headers, so the event stream also takes ``?api_key=``.
+DASHBOARD_PATHS = frozenset({"/"})
+DASHBOARD_PREFIX = "/static/"
+QUERY_KEY_PATHS = frozenset({"/v1/events", "/events"})
 ALLOW_METHODS = b"GET, POST, DELETE, PATCH, OPTIONS"
 ALLOW_HEADERS = b"Content-Type, Authorization, X-API-Key, Last-Event-ID"
 
@@ -53,13 +59,18 @@ class Edge:
         ]
 
     def authorized(self, scope: Scope) -> bool:
-        if not self.require_key or scope["path"] in self.exempt:
+        path = scope["path"]
+        if not self.require_key or path in self.exempt:
+            return True
+        if path in DASHBOARD_PATHS or path.startswith(DASHBOARD_PREFIX):
             return True
         key = _header(scope, b"x-api-key")
         if key is None:
             auth = _header(scope, b"authorization") or b""
             scheme, _, token = auth.partition(b" ")
             key = token.strip() if scheme.lower() == b"bearer" else None
+        if key is None and path in QUERY_KEY_PATHS:
+            key = _query_param(scope, "api_key")
         if not key:
             return False
         # Compare against every key so timing does not reveal which one (or how much) matched.
@@ -144,6 +155,12 @@ def _error_body(message: str, type_: str, code: str) -> bytes:
     return msgspec.json.encode(
         {"error": {"message": message, "type": type_, "param": None, "code": code}}
     )
+
+
+def _query_param(scope: Scope, name: str) -> bytes | None:
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    values = urllib.parse.parse_qs(query).get(name)
+    return values[0].encode() if values else None
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

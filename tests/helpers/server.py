@@ -16,9 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from collections.abc import Iterator
 from typing import IO, Any
 
 import httpx
@@ -108,7 +108,7 @@ class ServerProcess:
         self.tmp_path.mkdir(parents=True, exist_ok=True)
         self._close_log()
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        self.process = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=self._environ(), cwd=self.tmp_path,
         )  # fmt: skip
@@ -127,7 +127,9 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server not healthy within {self.start_timeout}s:\n" + self.output())
+                raise RuntimeError(
+                    f"server not healthy within {self.start_timeout}s:\n" + self.output()
+                )
             time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 5) -> float:
@@ -213,7 +215,8 @@ class AppServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None and self._task is not None
+        assert self._server is not None
+        assert self._task is not None
         streams = getattr(getattr(self.app, "state", None), "event_streams", None)
         if streams is not None:
             streams.close()  # end open event streams so shutdown is prompt

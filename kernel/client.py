@@ -1,0 +1,535 @@
+"""A Python client for a modelkernel server: ``Client`` (sync) and ``AsyncClient``, on httpx.
+
+Results are the wire Structs of ``kernel.api.schemas`` (``Download``, ``DownloadList``, ...).
+Every failure is an ``ApiError``: an HTTP error carries the status and the API's error body
+(``message``, ``type``, ``param``, ``code``); a server that cannot be reached is an
+``ApiConnectionError`` (status 0)::
+
+    from kernel.client import AsyncClient
+
+    async with AsyncClient("http://127.0.0.1:8080", api_key="k") as mk:
+        await mk.create("tiny", "https://example.com/tiny.gguf")
+        async for event in mk.watch(model_id="tiny"):
+            print(event.event, event.download.progress.percentage if event.download else "")
+        done = await mk.wait("tiny")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from kernel.api.schemas import (
+    ActionResult,
+    BulkCancelResult,
+    CancelResult,
+    Download,
+    DownloadList,
+    Health,
+    PurgeResult,
+)
+from kernel.types import TERMINAL
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "ApiConnectionError",
+    "ApiError",
+    "AsyncClient",
+    "Client",
+    "EngineInfo",
+    "StreamEvent",
+]
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+POLL_INTERVAL_S = 0.5
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """The server answered with an error (or could not be reached: see ApiConnectionError).
+
+    ``status`` is the HTTP status; ``message``, ``type``, ``param`` and ``code`` come from the
+    API's error body, which is kept whole in ``body``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "server_error",
+        param: str | None = None,
+        code: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.body = body if body is not None else {"error": {
+            "message": message, "type": type, "param": param, "code": code}}
+
+    def __str__(self) -> str:
+        return f"{self.message} (HTTP {self.status}, {self.type})" if self.status else self.message
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        try:
+            body = response.json()
+            error = body["error"]
+            return cls(
+                response.status_code, str(error["message"]), str(error.get("type")),
+                error.get("param"), error.get("code"), body,
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError):
+            text = response.text.strip()[:200] or response.reason_phrase
+            return cls(response.status_code, f"HTTP {response.status_code}: {text}")
+
+
+class ApiConnectionError(ApiError):
+    """The server could not be reached (refused, unresolvable, timed out, dropped)."""
+
+    def __init__(self, url: str, exc: BaseException) -> None:
+        detail = str(exc) or type(exc).__name__
+        super().__init__(0, f"Cannot connect to {url}: {detail}", "connection_error")
+        self.url = url
+
+
+class EngineInfo(msgspec.Struct, kw_only=True):
+    """The data of an ``engine.created`` event."""
+
+    model_id: str
+    model_type: str
+    inference_engine: str
+
+
+class StreamEvent(msgspec.Struct, kw_only=True):
+    """One Server-Sent Event: ``event`` is ``download.created``, ``download.status``,
+    ``download.progress``, ``engine.created`` or ``resync`` (refetch; events were lost)."""
+
+    id: str | None
+    event: str
+    data: Download | EngineInfo | dict[str, Any]
+
+    @property
+    def download(self) -> Download | None:
+        return self.data if isinstance(self.data, Download) else None
+
+
+class _SseParser:
+    """Feeds lines of an ``text/event-stream`` body; yields complete events (spec-compatible
+    enough for our server: ``id``, ``event``, multi-line ``data``, comments, ``retry``)."""
+
+    def __init__(self) -> None:
+        self.last_id: str | None = None
+        self.retry_ms: int | None = None
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> StreamEvent | None:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            event = _decode_event(self.last_id, self._event or "message", "\n".join(self._data))
+            self._event, self._data = "", []
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry_ms = int(value)
+        return None
+
+
+def _decode_event(id_: str | None, name: str, data: str) -> StreamEvent:
+    value: Download | EngineInfo | dict[str, Any]
+    if name.startswith("download."):
+        value = msgspec.json.decode(data, type=Download)
+    elif name == "engine.created":
+        value = msgspec.json.decode(data, type=EngineInfo)
+    else:
+        decoded = msgspec.json.decode(data) if data else {}
+        value = decoded if isinstance(decoded, dict) else {"value": decoded}
+    return StreamEvent(id=id_, event=name, data=value)
+
+
+def _path(model_id: str) -> str:
+    return "/v1/downloads/" + quote(model_id, safe="")
+
+
+def _list_params(all: bool, status: str | None) -> dict[str, str]:
+    if status:
+        return {"status": status}
+    return {"status": "all"} if all else {}
+
+
+def _create_body(model_id: str, url: str, opts: dict[str, Any]) -> dict[str, Any]:
+    body = {"model_id": model_id, "url": url}
+    body.update({k: v for k, v in opts.items() if v is not None})
+    return body
+
+
+def _events_params(model_id: str | None, last_event_id: str | int | None) -> dict[str, str]:
+    params = {}
+    if model_id is not None:
+        params["model_id"] = model_id
+    if last_event_id is not None:
+        params["last_event_id"] = str(last_event_id)
+    return params
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"User-Agent": "modelkernel-client", "Accept": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
+    return headers
+
+
+def _decode(response: httpx.Response, type_: type[T]) -> T:
+    if response.is_error:
+        raise ApiError.from_response(response)
+    try:
+        return msgspec.json.decode(response.content, type=type_)
+    except msgspec.DecodeError as exc:
+        raise ApiError(
+            response.status_code, f"Unexpected response from the server: {exc}"
+        ) from exc
+
+
+def _terminal(download: Download) -> bool:
+    return download.status in TERMINAL
+
+
+STREAM_READ_TIMEOUT_S = 45.0  # well over the server's 15 s heartbeat
+# No stream (connection dropped, or a server without /v1/events): poll instead.
+FALL_BACK_TO_POLLING = frozenset({0, 404, 405, 501})
+
+
+class Client:
+    """Synchronous client. ``Client(server, api_key=None, timeout=30.0)``; use as a context
+    manager or call ``close()``. Extra keyword arguments go to ``httpx.Client``."""
+
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        **httpx_options: Any,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.server, headers=_headers(api_key), timeout=timeout, **httpx_options
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, type_: type[T], **kwargs: Any) -> T:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiConnectionError(self.server, exc) from exc
+        return _decode(response, type_)
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        return self._call("GET", "/health", Health)
+
+    def list(self, all: bool = False, status: str | None = None) -> DownloadList:
+        """Active downloads; ``all=True`` includes ended ones; ``status`` is a comma list."""
+        return self._call("GET", "/v1/downloads", DownloadList, params=_list_params(all, status))
+
+    def get(self, model_id: str) -> Download:
+        return self._call("GET", _path(model_id), Download)
+
+    def create(self, model_id: str, url: str, **opts: Any) -> Download:
+        """Start a download. ``opts``: model_type, sha256, filename, priority,
+        max_bytes_per_second, engine_creation (a dict); None values are left out."""
+        return self._call("POST", "/v1/downloads", Download, json=_create_body(model_id, url, opts))
+
+    def pause(self, model_id: str) -> ActionResult:
+        return self._call("POST", _path(model_id) + "/pause", ActionResult)
+
+    def resume(self, model_id: str) -> ActionResult:
+        return self._call("POST", _path(model_id) + "/resume", ActionResult)
+
+    def cancel(self, model_id: str) -> CancelResult:
+        return self._call("POST", _path(model_id) + "/cancel", CancelResult)
+
+    def cancel_all(self) -> BulkCancelResult:
+        return self._call("POST", "/v1/downloads/cancel", BulkCancelResult)
+
+    def purge(self, model_id: str, delete_file: bool = False) -> PurgeResult:
+        """Forget an ended download (and delete its file with ``delete_file``)."""
+        params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
+        return self._call("DELETE", _path(model_id), PurgeResult, params=params)
+
+    def set_priority(self, model_id: str, priority: int) -> Download:
+        return self._call("POST", _path(model_id) + "/priority", Download,
+                          json={"priority": priority})
+
+    def set_limit(self, model_id: str, max_bytes_per_second: int) -> Download:
+        return self._call("POST", _path(model_id) + "/limit", Download,
+                          json={"max_bytes_per_second": max_bytes_per_second})
+
+    # --- events ---------------------------------------------------------------------------
+
+    def watch(
+        self,
+        model_id: str | None = None,
+        last_event_id: str | int | None = None,
+        *,
+        read_timeout: float = STREAM_READ_TIMEOUT_S,
+    ) -> Iterator[StreamEvent]:
+        """Events as they happen, until the server ends the stream (then resume with the
+        last event's ``id`` as ``last_event_id``)."""
+        for item in self._stream(model_id, last_event_id, read_timeout):
+            if item is not None:
+                yield item
+
+    def _stream(
+        self, model_id: str | None, last_event_id: str | int | None, read_timeout: float
+    ) -> Generator[StreamEvent | None, None, None]:
+        """Like watch(), plus a None first, once the server has subscribed us."""
+        timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout)
+        params = _events_params(model_id, last_event_id)
+        headers = {"Accept": "text/event-stream"}
+        parser = _SseParser()
+        try:
+            with self._http.stream("GET", "/v1/events", params=params, headers=headers,
+                                   timeout=timeout) as response:
+                if response.is_error:
+                    response.read()
+                    raise ApiError.from_response(response)
+                opened = False
+                for line in response.iter_lines():
+                    if not opened and line.startswith("retry:"):
+                        opened = True
+                        yield None
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise ApiConnectionError(self.server, exc) from exc
+
+    def follow(
+        self, model_id: str, timeout: float | None = None
+    ) -> Generator[Download, None, None]:
+        """The download's successive states, ending with the terminal one. Follows the event
+        stream and falls back to polling when the stream is unavailable or drops;
+        TimeoutError past ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float:
+            return STREAM_READ_TIMEOUT_S if deadline is None else deadline - time.monotonic()
+
+        def check() -> None:
+            if left() <= 0:
+                raise TimeoutError(f"{model_id} did not finish within {timeout}s")
+
+        stream = self._stream(model_id, None, max(0.1, min(left(), 20.0)))
+        try:
+            with contextlib.closing(stream):
+                for item in stream:
+                    current = self._state(model_id, item)
+                    if current is not None:
+                        yield current
+                        if _terminal(current):
+                            return
+                    check()
+        except ApiError as exc:
+            if exc.status not in FALL_BACK_TO_POLLING:
+                raise
+        while True:
+            check()
+            current = self.get(model_id)
+            yield current
+            if _terminal(current):
+                return
+            time.sleep(max(0.0, min(POLL_INTERVAL_S, left())))
+
+    def _state(self, model_id: str, item: StreamEvent | None) -> Download | None:
+        if item is None or item.event == "resync":  # subscribed (or lost events): look now
+            return self.get(model_id)
+        return item.download
+
+    def wait(self, model_id: str, timeout: float | None = None) -> Download:
+        """Block until the download is terminal and return it; TimeoutError past ``timeout``."""
+        last: Download | None = None
+        for state in self.follow(model_id, timeout):
+            last = state
+        assert last is not None  # follow() always yields at least the terminal state
+        return last
+
+
+class AsyncClient:
+    """Asynchronous client with the same methods as ``Client``, as coroutines."""
+
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        **httpx_options: Any,
+    ) -> None:
+        self.server = server.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.server, headers=_headers(api_key), timeout=timeout, **httpx_options
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, type_: type[T], **kwargs: Any) -> T:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiConnectionError(self.server, exc) from exc
+        return _decode(response, type_)
+
+    # --- endpoints ------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        return await self._call("GET", "/health", Health)
+
+    async def list(self, all: bool = False, status: str | None = None) -> DownloadList:
+        return await self._call("GET", "/v1/downloads", DownloadList,
+                                params=_list_params(all, status))
+
+    async def get(self, model_id: str) -> Download:
+        return await self._call("GET", _path(model_id), Download)
+
+    async def create(self, model_id: str, url: str, **opts: Any) -> Download:
+        return await self._call("POST", "/v1/downloads", Download,
+                                json=_create_body(model_id, url, opts))
+
+    async def pause(self, model_id: str) -> ActionResult:
+        return await self._call("POST", _path(model_id) + "/pause", ActionResult)
+
+    async def resume(self, model_id: str) -> ActionResult:
+        return await self._call("POST", _path(model_id) + "/resume", ActionResult)
+
+    async def cancel(self, model_id: str) -> CancelResult:
+        return await self._call("POST", _path(model_id) + "/cancel", CancelResult)
+
+    async def cancel_all(self) -> BulkCancelResult:
+        return await self._call("POST", "/v1/downloads/cancel", BulkCancelResult)
+
+    async def purge(self, model_id: str, delete_file: bool = False) -> PurgeResult:
+        params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
+        return await self._call("DELETE", _path(model_id), PurgeResult, params=params)
+
+    async def set_priority(self, model_id: str, priority: int) -> Download:
+        return await self._call("POST", _path(model_id) + "/priority", Download,
+                                json={"priority": priority})
+
+    async def set_limit(self, model_id: str, max_bytes_per_second: int) -> Download:
+        return await self._call("POST", _path(model_id) + "/limit", Download,
+                                json={"max_bytes_per_second": max_bytes_per_second})
+
+    # --- events ---------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        model_id: str | None = None,
+        last_event_id: str | int | None = None,
+        *,
+        read_timeout: float = STREAM_READ_TIMEOUT_S,
+    ) -> AsyncIterator[StreamEvent]:
+        """Events as they happen, until the server ends the stream (then resume with the
+        last event's ``id`` as ``last_event_id``)."""
+        async for item in self._stream(model_id, last_event_id, read_timeout):
+            if item is not None:
+                yield item
+
+    async def _stream(
+        self, model_id: str | None, last_event_id: str | int | None, read_timeout: float
+    ) -> AsyncGenerator[StreamEvent | None, None]:
+        timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout)
+        params = _events_params(model_id, last_event_id)
+        headers = {"Accept": "text/event-stream"}
+        parser = _SseParser()
+        try:
+            async with self._http.stream("GET", "/v1/events", params=params, headers=headers,
+                                         timeout=timeout) as response:
+                if response.is_error:
+                    await response.aread()
+                    raise ApiError.from_response(response)
+                opened = False
+                async for line in response.aiter_lines():
+                    if not opened and line.startswith("retry:"):
+                        opened = True
+                        yield None
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise ApiConnectionError(self.server, exc) from exc
+
+    async def follow(self, model_id: str) -> AsyncGenerator[Download, None]:
+        """The download's successive states, ending with the terminal one. Follows the event
+        stream and falls back to polling when the stream is unavailable or drops."""
+        try:
+            async with contextlib.aclosing(
+                self._stream(model_id, None, STREAM_READ_TIMEOUT_S)
+            ) as stream:
+                async for item in stream:
+                    if item is None or item.event == "resync":
+                        current: Download | None = await self.get(model_id)
+                    else:
+                        current = item.download
+                    if current is not None:
+                        yield current
+                        if _terminal(current):
+                            return
+        except ApiError as exc:
+            if exc.status not in FALL_BACK_TO_POLLING:
+                raise
+        while True:
+            current = await self.get(model_id)
+            yield current
+            if _terminal(current):
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def wait(
+        self, model_id: str, timeout: float | None = None  # noqa: ASYNC109 - as Client.wait
+    ) -> Download:
+        """The download once terminal; TimeoutError past ``timeout`` seconds."""
+        last: Download | None = None
+        async with asyncio.timeout(timeout), contextlib.aclosing(self.follow(model_id)) as states:
+            async for state in states:
+                last = state
+        assert last is not None  # follow() always yields at least the terminal state
+        return last
