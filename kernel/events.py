@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -55,7 +56,10 @@ class EventBus:
     def __init__(self, ring_size: int = 1024, observer: Callable[[Event], None] | None = None):
         self._ring: collections.deque[Envelope] = collections.deque(maxlen=ring_size)
         self._subscribers: set[Subscription] = set()
-        self._next_id = 1
+        # Ids start from the clock (ms x 1000), so they keep growing across restarts and a
+        # client's Last-Event-ID from an earlier run never aliases an event of this one.
+        self._next_id = time.time_ns() // 1_000_000 * 1000
+        self.first_id = self._next_id
         self._observer = observer
 
     @property

@@ -21,8 +21,8 @@ from tests.helpers.origin import Origin
 PREFIXES = ["/v1/downloads", "/downloads"]
 CORS = {
     "access-control-allow-origin": "*",
-    "access-control-allow-methods": "GET, POST, DELETE, PATCH, OPTIONS",
-    "access-control-allow-headers": "Content-Type, Authorization, X-API-Key, Last-Event-ID",
+    "access-control-allow-methods": "GET, POST, DELETE, OPTIONS",
+    "access-control-allow-headers": "Content-Type, Authorization, X-API-Key",
 }
 
 

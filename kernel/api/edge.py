@@ -27,8 +27,9 @@ EXEMPT_PATHS = frozenset({"/health"})
 DASHBOARD_PATHS = frozenset({"/"})
 DASHBOARD_PREFIX = "/static/"
 QUERY_KEY_PATHS = frozenset({"/v1/events", "/events"})
-ALLOW_METHODS = b"GET, POST, DELETE, PATCH, OPTIONS"
-ALLOW_HEADERS = b"Content-Type, Authorization, X-API-Key, Last-Event-ID"
+# Exactly the values of the Kolosal contract (shared/API.md); clients may compare them.
+ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
+ALLOW_HEADERS = b"Content-Type, Authorization, X-API-Key"
 
 Scope = dict[str, Any]
 
@@ -51,7 +52,9 @@ class Edge:
             if sent is None or sent.decode("latin-1") not in self.origins:
                 return [(b"vary", b"Origin")]
             origin = sent
+        vary = [] if origin == b"*" else [(b"vary", b"Origin")]  # caches key on the origin
         return [
+            *vary,
             (b"access-control-allow-origin", origin),
             (b"access-control-allow-methods", ALLOW_METHODS),
             (b"access-control-allow-headers", ALLOW_HEADERS),

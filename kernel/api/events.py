@@ -124,7 +124,10 @@ class EventStreams:
         else:
             backlog, last_sent = bus.since(last_id), last_id
             first = backlog[0].id if backlog else newest + 1
-            resync = first > last_id + 1  # the ring no longer reaches back that far
+            # Missed events: the ring dropped some after last_id, or last_id is from an earlier
+            # run (below this run's first id). 0 asks for everything still buffered.
+            dropped = first > max(last_id, bus.first_id - 1) + 1
+            resync = last_id != 0 and (dropped or last_id < bus.first_id - 1)
         closing: asyncio.Future[Any] = asyncio.ensure_future(self._closing.wait())
         getter: asyncio.Future[Any] | None = None
         self.open += 1

@@ -19,11 +19,12 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, JSONBody
 from msgspec import UNSET, UnsetType
 
 from kernel.api.deps import KernelDep
-from kernel.api.errors import NOT_FOUND, ApiError
+from kernel.api.errors import NOT_FOUND, ApiError, error_responses
 from kernel.core import Kernel
 from kernel.downloads import validate_model_id
 from kernel.engines import AUTO_TYPE, DEFAULT_BACKEND, EngineEntry
@@ -337,7 +338,12 @@ class ModelsController(Controller):
     path = "/"
 
     @post("/models", status_code=201, tags=["models"],
-          summary="Add a model: a URL starts a download (202), a local path loads now (201)")
+          summary="Add a model: a URL starts a download (202), a local path loads now (201)",
+          responses={
+              202: ResponseSpec(ModelDownloadStarted, description="A startup download began",
+                                generate_examples=False),
+              **error_responses(400, 409, 413, 422),
+          })
     async def add_model(
         self, data: JSONBody[dict[str, Any]], kernel: KernelDep
     ) -> Response[ModelAdded | ModelDownloadStarted]:
@@ -360,7 +366,8 @@ class ModelsController(Controller):
             return await _start_download(kernel, body, spec)
         return await _create_local(kernel, body, spec)
 
-    @get("/models", tags=["models"], summary="Registered models and startup downloads under way")
+    @get("/models", tags=["models"], summary="Registered models and startup downloads under way",
+         responses=error_responses())
     async def list_models(self, kernel: KernelDep) -> ModelList:
         views = [_engine_view(kernel, entry) for entry in kernel.engines.registered()]
         seen = {view.model_id for view in views}
@@ -370,7 +377,8 @@ class ModelsController(Controller):
         ]
         return ModelList(models=views, total_count=len(views))
 
-    @get("/models/{model_id:str}", tags=["models"], summary="One model")
+    @get("/models/{model_id:str}", tags=["models"], summary="One model",
+         responses=error_responses(400, 404))
     async def get_model(self, model_id: FromPath[str], kernel: KernelDep) -> ModelView:
         _path_id(model_id)
         entry = kernel.engines.entries.get(model_id)
@@ -382,7 +390,8 @@ class ModelsController(Controller):
         return _download_view(rec)
 
     @delete("/models/{model_id:str}", status_code=200, tags=["models"],
-            summary="Unload and forget a model (cancelling its startup download if under way)")
+            summary="Unload and forget a model (cancelling its startup download if under way)",
+            responses=error_responses(400, 404))
     async def remove_model(self, model_id: FromPath[str], kernel: KernelDep) -> ModelRemoved:
         _path_id(model_id)
         cancelled = False
@@ -395,7 +404,8 @@ class ModelsController(Controller):
         return ModelRemoved(model_id=model_id, status="removed",
                             message="Model removed successfully")
 
-    @get("/engines", tags=["engines"], summary="Inference engine backends and visible GPUs")
+    @get("/engines", tags=["engines"], summary="Inference engine backends and visible GPUs",
+         responses=error_responses())
     async def list_engines(self, kernel: KernelDep) -> EngineList:
         default = kernel.engines.default_backend
         backends = [
@@ -415,7 +425,8 @@ class ModelsController(Controller):
                           total_count=len(backends), gpus=gpus)
 
     @post("/completions", status_code=200, tags=["inference"],
-          summary="OpenAI text completion (non-streaming) from an llm model")
+          summary="OpenAI text completion (non-streaming) from an llm model",
+          responses=error_responses(400, 404, 413, 422))
     async def completions(
         self, data: JSONBody[dict[str, Any]], kernel: KernelDep
     ) -> TextCompletion:
@@ -443,7 +454,8 @@ class ModelsController(Controller):
         )
 
     @post("/embeddings", status_code=200, tags=["inference"],
-          summary="OpenAI embeddings from an embedding model")
+          summary="OpenAI embeddings from an embedding model",
+          responses=error_responses(400, 404, 413, 422))
     async def embeddings(
         self, data: JSONBody[dict[str, Any]], kernel: KernelDep
     ) -> EmbeddingList:
