@@ -1,0 +1,248 @@
+"""The origin that is not ours: Debian's nginx on loopback, serving generated random files.
+
+``ensure_tools`` installs nginx, aria2 and curl with apt-get when a binary is missing (as
+root). ``Origin`` writes the files and an ``nginx.conf`` into a temporary directory, starts
+nginx in the foreground (``daemon off``) on a free loopback port and stops it again.
+
+Layout of the origin (``root`` is a directory of the bench's temp dir):
+
+    /<name>            every generated file, Range supported (nginx does it natively)
+    /limited/<name>    the same files, ``limit_rate 50m`` per connection (a CDN-like origin)
+"""
+
+# ruff: noqa: S603 - a benchmark script: it runs fixed local commands
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+__all__ = ["Origin", "ensure_tools", "free_port", "pdeathsig", "tool_path"]
+
+TOOLS = {"nginx": "nginx", "aria2c": "aria2", "curl": "curl"}  # binary -> Debian package
+_SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def tool_path(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in _SBIN:
+        candidate = os.path.join(folder, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def ensure_tools(say) -> dict[str, str]:
+    """Paths of nginx, aria2c and curl; installs the missing ones with apt-get (root only)."""
+    missing = [pkg for binary, pkg in TOOLS.items() if tool_path(binary) is None]
+    if missing:
+        if os.geteuid() != 0:
+            raise SystemExit(
+                f"bench: missing {', '.join(missing)}; run as root or install them: "
+                f"apt-get update && apt-get install -y {' '.join(TOOLS.values())}"
+            )
+        say(f"installing {' '.join(missing)} with apt-get (once)...")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        # Debian's nginx package starts the system service on port 80 from its postinst;
+        # a policy-rc.d that answers 101 keeps it from doing that (removed again after).
+        policy = Path("/usr/sbin/policy-rc.d")
+        own_policy = not policy.exists()
+        if own_policy:
+            policy.write_text("#!/bin/sh\nexit 101\n")
+            policy.chmod(0o755)
+        try:
+            for argv, limit in (
+                (["apt-get", "update"], 300),
+                (["apt-get", "install", "-y", "--no-install-recommends", *TOOLS.values()], 600),
+            ):
+                done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=limit)
+                if done.returncode != 0:
+                    raise SystemExit(
+                        f"bench: {' '.join(argv)} failed ({done.returncode}):\n"
+                        f"{(done.stdout + done.stderr)[-2000:]}"
+                    )
+        finally:
+            if own_policy:
+                policy.unlink(missing_ok=True)
+        still = [b for b in TOOLS if tool_path(b) is None]
+        if still:
+            raise SystemExit(f"bench: still missing after apt-get: {', '.join(still)}")
+    return {binary: tool_path(binary) for binary in TOOLS}  # type: ignore[misc]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pdeathsig() -> None:
+    """preexec_fn: the child gets SIGTERM if the bench process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def write_random_file(path: Path, size: int, block: int = 16 << 20) -> None:
+    """``size`` bytes of random data (incompressible, so nothing can cheat on content)."""
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(block, left)
+            f.write(os.urandom(n))
+            left -= n
+    path.chmod(0o644)
+
+
+def warm(path: Path) -> None:
+    """Read a file once so it sits in the page cache (the origin serves from memory)."""
+    buf = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+CONF = """\
+worker_processes 1;
+worker_rlimit_nofile 16384;
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+{user}
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    default_type application/octet-stream;
+    types {{ application/json json; }}
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+        location /limited/ {{
+            alias {root}/;
+            limit_rate {limit_rate};
+        }}
+    }}
+}}
+"""
+
+
+class Origin:
+    """nginx serving ``root``; ``url(name)`` and ``limited_url(name)`` give the file URLs."""
+
+    def __init__(self, nginx: str, workdir: Path, *, limit_rate: str = "50m") -> None:
+        self.nginx = nginx
+        self.tmp = workdir / "nginx"
+        self.root = workdir / "www"
+        self.limit_rate = limit_rate
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        for d in (self.tmp, self.root):
+            d.mkdir(parents=True, exist_ok=True)
+        # nginx's worker runs as "nobody" when started by root: let it read the files.
+        for d in (workdir, self.root):
+            d.chmod(0o755)
+
+    def add_random(self, name: str, size: int) -> Path:
+        path = self.root / name
+        write_random_file(path, size)
+        return path
+
+    def add_bytes(self, name: str, data: bytes) -> Path:
+        path = self.root / name
+        path.write_bytes(data)
+        path.chmod(0o644)
+        return path
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def limited_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/limited/{name}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.port = free_port()
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(
+            CONF.format(
+                tmp=self.tmp,
+                root=self.root,
+                port=self.port,
+                limit_rate=self.limit_rate,
+                user="user root;" if os.geteuid() == 0 else "",
+            )
+        )
+        argv = [self.nginx, "-p", str(self.tmp), "-c", str(conf)]
+        if self._supports_e():
+            argv += ["-e", str(self.tmp / "error.log")]
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "stderr.log", "wb"),  # noqa: SIM115 - lives with nginx
+            start_new_session=True,
+            preexec_fn=pdeathsig,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited at start:\n{self._logs()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not listen within {timeout}s:\n{self._logs()}")
+
+    def _supports_e(self) -> bool:
+        done = subprocess.run([self.nginx, "-h"], capture_output=True, text=True, check=False)
+        return " -e " in (done.stdout + done.stderr)
+
+    def _logs(self) -> str:
+        parts = []
+        for name in ("stderr.log", "error.log"):
+            path = self.tmp / name
+            if path.exists():
+                parts.append(path.read_text(errors="replace")[-2000:])
+        return "\n".join(parts)
+
+    def worker_pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in children.split()]
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # fast shutdown
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
