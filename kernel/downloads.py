@@ -142,6 +142,8 @@ class DownloadManager:
         self._last_checkpoint: dict[str, float] = {}
         self._seq = 0
         self._stopping = False
+        # The API layer's encoded views of ended downloads (they never change), by model id.
+        self.view_cache: dict[str, tuple[object, object]] = {}
         self.bucket = TokenBucket(lambda: self.settings.downloads.max_bytes_per_second)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -324,6 +326,7 @@ class DownloadManager:
                 deleted = await asyncio.to_thread(_remove, rec.local_path)
                 await asyncio.to_thread(_remove, rec.part_path)
             del self.records[model_id]
+            self.view_cache.pop(model_id, None)
             await self.store.delete(model_id)
             log.info("download.purged", model_id=model_id, file_deleted=deleted)
             return rec, deleted

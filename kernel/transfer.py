@@ -36,6 +36,7 @@ __all__ = ["Transfer", "now_ms"]
 log = structlog.get_logger()
 
 WRITE_BLOCK = 4 << 20  # bytes gathered before one write() in a worker thread
+SYNC_EVERY = 32 << 20  # start background writeback after this many bytes
 FLUSH_S = 0.25  # ...or after this long, so progress and pause lose nothing on slow links
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 GGUF_MAGIC = b"GGUF"
@@ -59,6 +60,7 @@ class _PartFile:
         self.pos = offset  # bytes known to be on disk
         self.issued = offset  # bytes handed to writes, landed or not
         self.hasher = hashlib.sha256() if hashing else None
+        self.writeback = _Writeback(self.fd)
 
     async def hash_existing(self) -> None:
         if self.hasher is None or self.pos == 0:
@@ -85,18 +87,51 @@ class _PartFile:
                 self.pos += size  # it landed: the counters must agree with the file
             raise
         self.pos += size
+        self.writeback.wrote(size)
 
     async def write(self, data: bytes) -> None:
         await self.complete(self.submit(data), len(data))
 
     async def sync_and_close(self) -> None:
-        await asyncio.to_thread(os.fsync, self.fd)
+        await self.writeback.sync()
         self.close()
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _Writeback:
+    """Starts flushing a file to disk in the background every ``SYNC_EVERY`` bytes written,
+    on a duplicate descriptor (so closing the file never races it): the disk works while the
+    network does, and the fsync before the rename has only the tail left."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._unsynced = 0
+        self._running: asyncio.Future[None] | None = None
+
+    def wrote(self, n: int) -> None:
+        self._unsynced += n
+        if self._unsynced >= SYNC_EVERY and (self._running is None or self._running.done()):
+            self._unsynced = 0
+            self._running = asyncio.get_running_loop().run_in_executor(
+                None, _datasync_dup, os.dup(self.fd)
+            )
+
+    async def sync(self) -> None:
+        """Everything written is on disk (the final, durable flush)."""
+        if self._running is not None:
+            await self._running
+        await asyncio.to_thread(os.fsync, self.fd)
+
+
+def _datasync_dup(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
@@ -330,9 +365,11 @@ class Transfer:
         rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
         log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
         fd = await asyncio.to_thread(os.open, rec.part_path, os.O_WRONLY)
+        writeback = _Writeback(fd)
 
         async def write_at(pos: int, data: memoryview) -> None:
             await _write_at(fd, data, pos, rec.part_path)
+            writeback.wrote(len(data))
 
         async def on_bytes(n: int) -> None:
             rec.downloaded_bytes += n
@@ -343,7 +380,7 @@ class Transfer:
 
         try:
             await run_segments(rec, self.source, validator, write_at=write_at, on_bytes=on_bytes)
-            await asyncio.to_thread(os.fsync, fd)
+            await writeback.sync()
         finally:
             os.close(fd)
         rec.segments = None  # complete: from here on the .part is one whole file
