@@ -64,10 +64,18 @@ def _common(*, suppress: bool) -> argparse.ArgumentParser:
     """``--server`` and ``--api-key``, accepted before or after the command name."""
     common = argparse.ArgumentParser(add_help=False)
     default = argparse.SUPPRESS if suppress else None
-    common.add_argument("--server", default=default, metavar="URL",
-                        help="server URL (env MODELKERNEL_SERVER, default http://127.0.0.1:8080)")
-    common.add_argument("--api-key", default=default, metavar="K",
-                        help="API key, sent as X-API-Key (env MODELKERNEL_API_KEY)")
+    common.add_argument(
+        "--server",
+        default=default,
+        metavar="URL",
+        help="server URL (env MODELKERNEL_SERVER, default http://127.0.0.1:8080)",
+    )
+    common.add_argument(
+        "--api-key",
+        default=default,
+        metavar="K",
+        help="API key, sent as X-API-Key (env MODELKERNEL_API_KEY)",
+    )
     return common
 
 
@@ -75,8 +83,9 @@ def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None
     pull = commands.add_parser("pull", parents=[common], help="start a download")
     pull.add_argument("ref", metavar="REF", help="http(s)://..., hf://owner/repo/file.gguf[@rev]")
     pull.add_argument("--id", required=True, dest="model_id", help="the model id to store it as")
-    pull.add_argument("--wait", action="store_true",
-                      help="follow it with a progress bar until it ends")
+    pull.add_argument(
+        "--wait", action="store_true", help="follow it with a progress bar until it ends"
+    )
     pull.add_argument("--sha256", help="expected SHA-256 of the file")
     pull.add_argument("--filename", help="file name under the models directory")
     pull.add_argument("--type", dest="model_type", choices=["llm", "embedding"], help="model type")
@@ -219,8 +228,10 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
     try:
         final = _follow(client, args.model_id)
     except KeyboardInterrupt:
-        _err(f"stopped following; {args.model_id} goes on on the server "
-             f"(modelkernel cancel {args.model_id} stops it)")
+        _err(
+            f"stopped following; {args.model_id} goes on on the server "
+            f"(modelkernel cancel {args.model_id} stops it)"
+        )
         return EXIT_INTERRUPTED
     if final.status == "completed":
         _out(f"{final.model_id}: completed -> {final.local_path}")
@@ -252,8 +263,9 @@ def _follow(client: Client, model_id: str) -> Download:
         for final in client.follow(model_id):
             total = final.progress.total_bytes or None
             label = model_id if final.status == "downloading" else f"{model_id} ({final.status})"
-            bar.update(task, completed=final.progress.downloaded_bytes, total=total,
-                       description=label)
+            bar.update(
+                task, completed=final.progress.downloaded_bytes, total=total, description=label
+            )
     assert final is not None
     return final
 

@@ -74,8 +74,11 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.body = body if body is not None else {"error": {
-            "message": message, "type": type, "param": param, "code": code}}
+        self.body = (
+            body
+            if body is not None
+            else {"error": {"message": message, "type": type, "param": param, "code": code}}
+        )
 
     def __str__(self) -> str:
         return f"{self.message} (HTTP {self.status}, {self.type})" if self.status else self.message
@@ -207,9 +210,7 @@ def _decode(response: httpx.Response, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(response.content, type=type_)
     except msgspec.DecodeError as exc:
-        raise ApiError(
-            response.status_code, f"Unexpected response from the server: {exc}"
-        ) from exc
+        raise ApiError(response.status_code, f"Unexpected response from the server: {exc}") from exc
 
 
 def _terminal(download: Download) -> bool:
@@ -289,12 +290,17 @@ class Client:
         return self._call("DELETE", _path(model_id), PurgeResult, params=params)
 
     def set_priority(self, model_id: str, priority: int) -> Download:
-        return self._call("POST", _path(model_id) + "/priority", Download,
-                          json={"priority": priority})
+        return self._call(
+            "POST", _path(model_id) + "/priority", Download, json={"priority": priority}
+        )
 
     def set_limit(self, model_id: str, max_bytes_per_second: int) -> Download:
-        return self._call("POST", _path(model_id) + "/limit", Download,
-                          json={"max_bytes_per_second": max_bytes_per_second})
+        return self._call(
+            "POST",
+            _path(model_id) + "/limit",
+            Download,
+            json={"max_bytes_per_second": max_bytes_per_second},
+        )
 
     # --- events ---------------------------------------------------------------------------
 
@@ -320,8 +326,9 @@ class Client:
         headers = {"Accept": "text/event-stream"}
         parser = _SseParser()
         try:
-            with self._http.stream("GET", "/v1/events", params=params, headers=headers,
-                                   timeout=timeout) as response:
+            with self._http.stream(
+                "GET", "/v1/events", params=params, headers=headers, timeout=timeout
+            ) as response:
                 if response.is_error:
                     response.read()
                     raise ApiError.from_response(response)
@@ -424,15 +431,17 @@ class AsyncClient:
         return await self._call("GET", "/health", Health)
 
     async def list(self, all: bool = False, status: str | None = None) -> DownloadList:
-        return await self._call("GET", "/v1/downloads", DownloadList,
-                                params=_list_params(all, status))
+        return await self._call(
+            "GET", "/v1/downloads", DownloadList, params=_list_params(all, status)
+        )
 
     async def get(self, model_id: str) -> Download:
         return await self._call("GET", _path(model_id), Download)
 
     async def create(self, model_id: str, url: str, **opts: Any) -> Download:
-        return await self._call("POST", "/v1/downloads", Download,
-                                json=_create_body(model_id, url, opts))
+        return await self._call(
+            "POST", "/v1/downloads", Download, json=_create_body(model_id, url, opts)
+        )
 
     async def pause(self, model_id: str) -> ActionResult:
         return await self._call("POST", _path(model_id) + "/pause", ActionResult)
@@ -451,12 +460,17 @@ class AsyncClient:
         return await self._call("DELETE", _path(model_id), PurgeResult, params=params)
 
     async def set_priority(self, model_id: str, priority: int) -> Download:
-        return await self._call("POST", _path(model_id) + "/priority", Download,
-                                json={"priority": priority})
+        return await self._call(
+            "POST", _path(model_id) + "/priority", Download, json={"priority": priority}
+        )
 
     async def set_limit(self, model_id: str, max_bytes_per_second: int) -> Download:
-        return await self._call("POST", _path(model_id) + "/limit", Download,
-                                json={"max_bytes_per_second": max_bytes_per_second})
+        return await self._call(
+            "POST",
+            _path(model_id) + "/limit",
+            Download,
+            json={"max_bytes_per_second": max_bytes_per_second},
+        )
 
     # --- events ---------------------------------------------------------------------------
 
@@ -481,8 +495,9 @@ class AsyncClient:
         headers = {"Accept": "text/event-stream"}
         parser = _SseParser()
         try:
-            async with self._http.stream("GET", "/v1/events", params=params, headers=headers,
-                                         timeout=timeout) as response:
+            async with self._http.stream(
+                "GET", "/v1/events", params=params, headers=headers, timeout=timeout
+            ) as response:
                 if response.is_error:
                     await response.aread()
                     raise ApiError.from_response(response)
@@ -524,7 +539,9 @@ class AsyncClient:
             await asyncio.sleep(POLL_INTERVAL_S)
 
     async def wait(
-        self, model_id: str, timeout: float | None = None  # noqa: ASYNC109 - as Client.wait
+        self,
+        model_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - as Client.wait
     ) -> Download:
         """The download once terminal; TimeoutError past ``timeout`` seconds."""
         last: Download | None = None

@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
 import structlog
 
 from kernel._lock import StateLock
 from kernel.config import DownloadSettings, ModelEntry, Settings
 from kernel.downloads import DownloadManager
 from kernel.engines import EngineRegistry
-from kernel.events import EventBus
-from kernel.plugins import Plugins, make_plugin_manager
 from kernel.errors import InvalidRequest, KernelError
+from kernel.events import EventBus
 from kernel.metrics import Metrics
+from kernel.plugins import Plugins, make_plugin_manager
 from kernel.types import DownloadStore, EngineSpec, Event
 
 __all__ = ["Kernel"]
@@ -83,7 +82,8 @@ class Kernel:
             return
         self._lock.acquire()
         try:
-            Path(self.settings.storage.models_dir).mkdir(parents=True, exist_ok=True)
+            models_dir = Path(self.settings.storage.models_dir)
+            await asyncio.to_thread(models_dir.mkdir, parents=True, exist_ok=True)
             self._store = self.plugins.open_store()
             await self._load_runtime_settings()
             self._downloads = DownloadManager(
@@ -98,8 +98,11 @@ class Kernel:
             await self._abort_start()
             raise
         self.started = True
-        log.info("kernel.started", plugins=self.plugins.names(),
-                 models_dir=str(self._downloads.models_dir))
+        log.info(
+            "kernel.started",
+            plugins=self.plugins.names(),
+            models_dir=str(self._downloads.models_dir),
+        )
 
     async def _abort_start(self) -> None:
         """Undo a start that failed half way: nothing stays locked, open or running."""
@@ -131,8 +134,12 @@ class Kernel:
             if msgspec.to_builtins(self.settings.downloads).get(key) != value
         }
         if differs:
-            log.warning("settings.runtime_override", note="set with PATCH /v1/settings; they "
-                        "win over the config file until changed again", overrides=differs)
+            log.warning(
+                "settings.runtime_override",
+                note="set with PATCH /v1/settings; they "
+                "win over the config file until changed again",
+                overrides=differs,
+            )
         self.settings.downloads = saved
 
     async def update_download_settings(self, patch: dict[str, Any]) -> DownloadSettings:

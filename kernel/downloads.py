@@ -287,7 +287,12 @@ class DownloadManager:
         """A ``.part`` left by the ended download this one replaces is continued when it is the
         same file (same URL and path: its validator guards the resume); any other ``.part`` at
         this path is someone else's bytes and is removed, so two files are never spliced."""
-        if old is not None and old.url == rec.url and old.local_path == rec.local_path and old.validator:
+        if (
+            old is not None
+            and old.url == rec.url
+            and old.local_path == rec.local_path
+            and old.validator
+        ):
             rec.validator = old.validator
             rec.total_bytes = old.total_bytes
             rec.segments = old.segments
@@ -303,7 +308,9 @@ class DownloadManager:
         only gets its engine; a changed URL replaces the old download."""
         rec = self.records.get(model_id)
         if rec is not None and rec.url == url and rec.status not in ("failed", "cancelled"):
-            if rec.status == "completed" and await asyncio.to_thread(os.path.exists, rec.local_path):
+            if rec.status == "completed" and await asyncio.to_thread(
+                os.path.exists, rec.local_path
+            ):
                 if model_id not in self.engines.engines:
                     await self.engines.create(model_id, rec.local_path, rec.model_type, engine)
                 return rec
@@ -313,7 +320,9 @@ class DownloadManager:
             await self.cancel(model_id)
         return await self.create(model_id=model_id, url=url, model_type=model_type, engine=engine)
 
-    async def purge(self, model_id: str, *, delete_file: bool = False) -> tuple[DownloadRecord, bool]:
+    async def purge(
+        self, model_id: str, *, delete_file: bool = False
+    ) -> tuple[DownloadRecord, bool]:
         """Forget an ended download (cancelling it first if it is still running); with
         ``delete_file`` also remove its completed file. Returns (record, file_deleted)."""
         rec = self.get(model_id)
@@ -413,7 +422,9 @@ class DownloadManager:
             self._schedule()
             return rec, previous
 
-    async def cancel_all(self) -> tuple[list[tuple[DownloadRecord, str]], list[tuple[str, str, str]]]:
+    async def cancel_all(
+        self,
+    ) -> tuple[list[tuple[DownloadRecord, str]], list[tuple[str, str, str]]]:
         """Cancel every non-terminal download. Returns (cancelled, failed) where failed rows
         are (model_id, status, reason)."""
         cancelled: list[tuple[DownloadRecord, str]] = []
@@ -528,8 +539,12 @@ class DownloadManager:
             else:
                 log.info("engine.created", seconds=round(time.monotonic() - started, 3))
                 self.bus.publish(
-                    EngineCreated(rec.model_id, rec.model_type, rec.engine.inference_engine,
-                                  seconds=time.monotonic() - started)
+                    EngineCreated(
+                        rec.model_id,
+                        rec.model_type,
+                        rec.engine.inference_engine,
+                        seconds=time.monotonic() - started,
+                    )
                 )
                 self._set_status(rec, "completed")
             self._task_done(rec)
@@ -548,8 +563,14 @@ class DownloadManager:
             rec.error_message = None
         self._persist(rec)
         self.bus.publish(DownloadStatus(_snapshot(rec), previous))
-        log.info("download.status", model_id=rec.model_id, previous=previous, status=status,
-                 downloaded_bytes=rec.downloaded_bytes, error=error)
+        log.info(
+            "download.status",
+            model_id=rec.model_id,
+            previous=previous,
+            status=status,
+            downloaded_bytes=rec.downloaded_bytes,
+            error=error,
+        )
 
     def _fail(self, rec: DownloadRecord, message: str) -> None:
         if rec.status not in TERMINAL:

@@ -27,29 +27,49 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.downloads = Gauge("modelkernel_downloads", "Downloads by status.", ["status"], registry=r)
+        self.downloads = Gauge(
+            "modelkernel_downloads", "Downloads by status.", ["status"], registry=r
+        )
         self.bytes_received = Counter(
-            "modelkernel_bytes_received", "Bytes received from sources.", registry=r)
+            "modelkernel_bytes_received", "Bytes received from sources.", registry=r
+        )
         self.active_transfers = Gauge(
-            "modelkernel_active_transfers", "Transfers moving bytes now.", registry=r)
-        self.queue_length = Gauge("modelkernel_queue_length", "Downloads waiting for a slot.", registry=r)
+            "modelkernel_active_transfers", "Transfers moving bytes now.", registry=r
+        )
+        self.queue_length = Gauge(
+            "modelkernel_queue_length", "Downloads waiting for a slot.", registry=r
+        )
         self.throttle = Gauge(
-            "modelkernel_throttle_bytes_per_second", "Global bandwidth cap (0 = none).", registry=r)
+            "modelkernel_throttle_bytes_per_second", "Global bandwidth cap (0 = none).", registry=r
+        )
         self.retries = Counter(
-            "modelkernel_retries", "Transient faults retried, by reason.", ["reason"], registry=r)
+            "modelkernel_retries", "Transient faults retried, by reason.", ["reason"], registry=r
+        )
         self.download_duration = Histogram(
-            "modelkernel_download_duration_seconds", "Created to completed.",
-            buckets=DURATION_BUCKETS, registry=r)
+            "modelkernel_download_duration_seconds",
+            "Created to completed.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.engine_duration = Histogram(
-            "modelkernel_engine_creation_duration_seconds", "Engine creation time.",
-            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, float("inf")), registry=r)
+            "modelkernel_engine_creation_duration_seconds",
+            "Engine creation time.",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, float("inf")),
+            registry=r,
+        )
         self.loop_lag = Histogram(
-            "modelkernel_event_loop_lag_seconds", "How late the event loop runs a timer.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, float("inf")), registry=r)
+            "modelkernel_event_loop_lag_seconds",
+            "How late the event loop runs a timer.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, float("inf")),
+            registry=r,
+        )
         self.http_latency = Histogram(
-            "modelkernel_http_request_duration_seconds", "API request latency by route.",
+            "modelkernel_http_request_duration_seconds",
+            "API request latency by route.",
             ["method", "route", "status"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")), registry=r)
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")),
+            registry=r,
+        )
 
     async def watch_loop_lag(self, interval: float = 0.1) -> None:
         """Forever: sleep ``interval`` and record how much later than asked the loop woke."""

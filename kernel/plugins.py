@@ -105,7 +105,9 @@ class Plugins:
         return [gpu for result in self.pm.hook.detect_gpus() for gpu in (result or [])]
 
     def routes(self) -> list[Any]:
-        return [r for result in self.pm.hook.register_routes(settings=self.settings) for r in result]
+        return [
+            r for result in self.pm.hook.register_routes(settings=self.settings) for r in result
+        ]
 
     def emit(self, event: Event) -> None:
         """Tell every observer about ``event``. Each is called on its own, so one that raises
@@ -114,8 +116,11 @@ class Plugins:
             try:
                 result = impl.function(event=event)
             except Exception:
-                log.exception("plugin.on_event_failed", plugin=impl.plugin_name,
-                              event_type=type(event).__name__)
+                log.exception(
+                    "plugin.on_event_failed",
+                    plugin=impl.plugin_name,
+                    event_type=type(event).__name__,
+                )
                 continue
             if inspect.isawaitable(result):
                 task = asyncio.ensure_future(self._guard(result, impl.plugin_name))

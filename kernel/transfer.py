@@ -14,11 +14,12 @@ file always ends on a chunk boundary the counters agree with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
-import shutil
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -260,8 +261,13 @@ class Transfer:
         delay = retry.backoff_seconds * 2 ** (rec.attempts - 1) * random.uniform(0.5, 1.0)  # noqa: S311
         if exc.retry_after is not None:
             delay = max(delay, exc.retry_after)
-        log.warning("download.retry", attempt=rec.attempts, delay_s=round(delay, 2),
-                    reason=exc.reason, error=exc.message)
+        log.warning(
+            "download.retry",
+            attempt=rec.attempts,
+            delay_s=round(delay, 2),
+            reason=exc.reason,
+            error=exc.message,
+        )
         self.on_retry(exc.reason)
         self.on_progress(rec)
         await asyncio.sleep(min(delay, 300.0))
@@ -536,14 +542,14 @@ class Transfer:
         if problem is not None:
             await asyncio.to_thread(_remove, path)
             self.rec.downloaded_bytes = 0
-            raise PermanentError(f"The downloaded file is not a valid GGUF model ({problem}); it was removed.")
+            raise PermanentError(
+                f"The downloaded file is not a valid GGUF model ({problem}); it was removed."
+            )
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _rename_durably(src: str, dst: str) -> None:

@@ -40,7 +40,13 @@ DownloadType: TypeAlias = Literal["regular", "startup"]
 ModelType: TypeAlias = Literal["llm", "embedding"]
 
 STATUSES: tuple[str, ...] = (
-    "queued", "downloading", "paused", "creating_engine", "completed", "failed", "cancelled"
+    "queued",
+    "downloading",
+    "paused",
+    "creating_engine",
+    "completed",
+    "failed",
+    "cancelled",
 )
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "downloading", "paused", "creating_engine"})

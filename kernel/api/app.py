@@ -63,9 +63,14 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
             *dashboard_handlers(),
             *kernel.plugins.routes(),
         ],
-        state=State({EVENTS_STATE_KEY: EventStreams(
-            kernel.bus, queue_position=lambda model_id: kernel.downloads.queue_position(model_id)
-        )}),
+        state=State(
+            {
+                EVENTS_STATE_KEY: EventStreams(
+                    kernel.bus,
+                    queue_position=lambda model_id: kernel.downloads.queue_position(model_id),
+                )
+            }
+        ),
         dependencies={
             "downloads": Provide(provide_downloads, sync_to_thread=False),
             "kernel": Provide(provide_kernel, sync_to_thread=False),

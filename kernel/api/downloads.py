@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeAlias
+from typing import Annotated, Any, ClassVar, TypeAlias
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
@@ -113,9 +113,9 @@ def _encoded_item(
     """One list item as JSON. An ended download's item never changes, so it is encoded once
     (keyed on what could replace it) and reused: listing 1,000 ended records is a join."""
     if rec.status not in TERMINAL:
-        return msgspec.Raw(_ENCODER.encode(
-            _view(downloads, rec, detail=False, now=now, positions=positions)
-        ))
+        return msgspec.Raw(
+            _ENCODER.encode(_view(downloads, rec, detail=False, now=now, positions=positions))
+        )
     key = (rec.seq, rec.status, rec.end_time)
     cached = downloads.view_cache.get(rec.model_id)
     if cached is None or cached[0] != key:
@@ -158,7 +158,7 @@ def _cancel_all(downloads_result: Any) -> BulkCancelResult:
 
 class DownloadsController(Controller):
     path = "/downloads"
-    tags = ["downloads"]
+    tags: ClassVar[list[str]] = ["downloads"]
 
     @get(
         "/",
@@ -190,7 +190,7 @@ class DownloadsController(Controller):
     @post(
         "/",
         status_code=202,
-        summary="Start a download, or cancel all with {\"action\": \"cancel_all\"}",
+        summary='Start a download, or cancel all with {"action": "cancel_all"}',
         responses={
             202: ResponseSpec(Download, description="The download was created (detail body)"),
             200: ResponseSpec(BulkCancelResult, description='{"action": "cancel_all"}: bulk body'),
@@ -202,7 +202,7 @@ class DownloadsController(Controller):
     ) -> Response[Download | BulkCancelResult]:
         if "action" in data:
             if data["action"] != "cancel_all" or len(data) != 1:
-                raise InvalidRequest("The only action is \"cancel_all\".", param="action")
+                raise InvalidRequest('The only action is "cancel_all".', param="action")
             return Response(_cancel_all(await downloads.cancel_all()), status_code=200)
         body = msgspec.convert(data, CreateDownload)
         rec = await downloads.create(
@@ -256,21 +256,19 @@ class DownloadsController(Controller):
             timestamp=now_ms(),
         )
 
-    @post(
-        "/{model_id:str}/cancel", status_code=200, summary="Cancel one download", responses=BY_ID
-    )
+    @post("/{model_id:str}/cancel", status_code=200, summary="Cancel one download", responses=BY_ID)
     async def cancel_post(self, model_id: FromPath[str], downloads: Downloads) -> CancelResult:
         return await self._cancel(model_id, downloads)
 
-    @post(
-        "/{model_id:str}/pause", status_code=200, summary="Pause a download", responses=BY_ID
-    )
+    @post("/{model_id:str}/pause", status_code=200, summary="Pause a download", responses=BY_ID)
     async def pause(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
         await downloads.pause(_path_id(model_id))
         return ActionResult(success=True, message="Download paused successfully", model_id=model_id)
 
     @post(
-        "/{model_id:str}/resume", status_code=200, summary="Resume a paused download",
+        "/{model_id:str}/resume",
+        status_code=200,
+        summary="Resume a paused download",
         responses=BY_ID,
     )
     async def resume(self, model_id: FromPath[str], downloads: Downloads) -> ActionResult:
@@ -280,7 +278,9 @@ class DownloadsController(Controller):
         )
 
     @post(
-        "/{model_id:str}/priority", status_code=200, summary="Reorder the queue",
+        "/{model_id:str}/priority",
+        status_code=200,
+        summary="Reorder the queue",
         responses=BY_ID_WITH_BODY,
     )
     async def priority(
@@ -290,7 +290,9 @@ class DownloadsController(Controller):
         return _view(downloads, rec, detail=True, now=now_ms())
 
     @post(
-        "/{model_id:str}/limit", status_code=200, summary="Cap one download's bandwidth",
+        "/{model_id:str}/limit",
+        status_code=200,
+        summary="Cap one download's bandwidth",
         responses=BY_ID_WITH_BODY,
     )
     async def limit(

@@ -96,18 +96,32 @@ class Edge:
             if retry_after is not None:
                 body = _error_body(
                     "Too many requests: slow down and retry after the Retry-After delay.",
-                    "rate_limit_error", "rate_limit_exceeded",
+                    "rate_limit_error",
+                    "rate_limit_exceeded",
                 )
-                await _send(send, 429, body, [*cors, (b"content-type", b"application/json"),
-                                              (b"retry-after", str(retry_after).encode())])
+                await _send(
+                    send,
+                    429,
+                    body,
+                    [
+                        *cors,
+                        (b"content-type", b"application/json"),
+                        (b"retry-after", str(retry_after).encode()),
+                    ],
+                )
                 return
         if not self.authorized(scope):
             body = _error_body(
                 "Invalid or missing API key: send X-API-Key or Authorization: Bearer.",
-                "authentication_error", "invalid_api_key",
+                "authentication_error",
+                "invalid_api_key",
             )
-            await _send(send, 401, body, [*cors, (b"content-type", b"application/json"),
-                                          (b"www-authenticate", b"Bearer")])
+            await _send(
+                send,
+                401,
+                body,
+                [*cors, (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+            )
             return
 
         started = time.perf_counter()
@@ -148,9 +162,7 @@ class RateLimiter:
             return max(1, math.ceil(start + self.window_s - now))
         self._windows[client] = (start, count + 1)
         if len(self._windows) > 10_000:  # forget idle clients; memory stays bounded
-            self._windows = {
-                c: w for c, w in self._windows.items() if now - w[0] < self.window_s
-            }
+            self._windows = {c: w for c, w in self._windows.items() if now - w[0] < self.window_s}
         return None
 
 

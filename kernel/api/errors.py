@@ -75,8 +75,9 @@ def error_responses(*statuses: int, edge: bool = True) -> dict[int, ResponseSpec
     default 400 schema, which documents its own error shape rather than ours."""
     wanted = sorted({*statuses, *(EDGE_STATUSES if edge else ())})
     return {
-        status: ResponseSpec(ErrorBody, description=ERROR_DESCRIPTIONS[status],
-                             generate_examples=False)
+        status: ResponseSpec(
+            ErrorBody, description=ERROR_DESCRIPTIONS[status], generate_examples=False
+        )
         for status in wanted
     }
 
@@ -91,8 +92,13 @@ class ApiError(Exception):
     """An error raised by the API layer itself, already in API terms."""
 
     def __init__(
-        self, status: int, message: str, type_: str = INVALID, *,
-        param: str | None = None, code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        type_: str = INVALID,
+        *,
+        param: str | None = None,
+        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -136,29 +142,60 @@ def to_api_error(
                 param = "model_id"
             return status, ErrorDetail(message=exc.message, type=type_, param=param, code=code), {}
     if isinstance(exc, msgspec.ValidationError):
-        return 400, ErrorDetail(message=f"Invalid request body: {exc}", type=INVALID,
-                                param=param_of(exc), code=None), {}
+        return (
+            400,
+            ErrorDetail(
+                message=f"Invalid request body: {exc}", type=INVALID, param=param_of(exc), code=None
+            ),
+            {},
+        )
     if isinstance(exc, ValidationException):
         return 400, _validation_detail(exc), {}
     in_downloads = _DOWNLOADS_PATH.match(request.url.path) is not None
     if in_downloads and _EMPTY_ID.match(request.url.path):
-        return 400, ErrorDetail(
-            message="Cannot extract model ID from request path", type=INVALID,
-            param="path", code="invalid_path_format",
-        ), {}
+        return (
+            400,
+            ErrorDetail(
+                message="Cannot extract model ID from request path",
+                type=INVALID,
+                param="path",
+                code="invalid_path_format",
+            ),
+            {},
+        )
     if isinstance(exc, NotFoundException) and in_downloads:
-        return 400, ErrorDetail(
-            message=f"Invalid endpoint: {request.method} {request.url.path}",
-            type=INVALID, param=None, code="invalid_endpoint",
-        ), {}
+        return (
+            400,
+            ErrorDetail(
+                message=f"Invalid endpoint: {request.method} {request.url.path}",
+                type=INVALID,
+                param=None,
+                code="invalid_endpoint",
+            ),
+            {},
+        )
     if isinstance(exc, NotFoundException):
-        return 404, ErrorDetail(message=f"Not found: {request.url.path}", type=NOT_FOUND,
-                                param=None, code="not_found"), {}
+        return (
+            404,
+            ErrorDetail(
+                message=f"Not found: {request.url.path}",
+                type=NOT_FOUND,
+                param=None,
+                code="not_found",
+            ),
+            {},
+        )
     if isinstance(exc, MethodNotAllowedException):
-        return 405, ErrorDetail(
-            message=f"Method {request.method} is not allowed on {request.url.path}",
-            type=INVALID, param=None, code="method_not_allowed",
-        ), dict(exc.headers or {})
+        return (
+            405,
+            ErrorDetail(
+                message=f"Method {request.method} is not allowed on {request.url.path}",
+                type=INVALID,
+                param=None,
+                code="method_not_allowed",
+            ),
+            dict(exc.headers or {}),
+        )
     if isinstance(exc, HTTPException):
         message = str(exc.detail)
         if exc.status_code == 413:
@@ -167,12 +204,18 @@ def to_api_error(
                 f"The request body is larger than this server accepts ({limit} bytes; "
                 "the limit is the auth.max_body_bytes setting)."
             )
-        detail = ErrorDetail(message=message, type=_type_for(exc.status_code),
-                             param=None, code=None)
+        detail = ErrorDetail(
+            message=message, type=_type_for(exc.status_code), param=None, code=None
+        )
         return exc.status_code, detail, dict(exc.headers or {})
     log.error("api.internal_error", path=request.url.path, exc_info=exc)
-    return 500, ErrorDetail(message="Server error: Internal processing failed", type=SERVER,
-                            param=None, code=None), {}
+    return (
+        500,
+        ErrorDetail(
+            message="Server error: Internal processing failed", type=SERVER, param=None, code=None
+        ),
+        {},
+    )
 
 
 def _validation_detail(exc: ValidationException) -> ErrorDetail:

@@ -85,22 +85,27 @@ class EventStreams:
         event = envelope.event
         name = type(event).__struct_config__.tag
         match event:
-            case DownloadCreated(record=rec) | DownloadStatus(record=rec) | DownloadProgress(
-                record=rec
+            case (
+                DownloadCreated(record=rec)
+                | DownloadStatus(record=rec)
+                | DownloadProgress(record=rec)
             ):
                 model_id = rec.model_id
                 position = (
                     self.queue_position(model_id)
-                    if rec.status == "queued" and self.queue_position is not None else None
+                    if rec.status == "queued" and self.queue_position is not None
+                    else None
                 )
                 data = msgspec.json.encode(Download.from_record(rec, queue_position=position))
             case EngineCreated():
                 model_id = event.model_id
-                data = msgspec.json.encode({
-                    "model_id": event.model_id,
-                    "model_type": event.model_type,
-                    "inference_engine": event.inference_engine,
-                })
+                data = msgspec.json.encode(
+                    {
+                        "model_id": event.model_id,
+                        "model_type": event.model_type,
+                        "inference_engine": event.inference_engine,
+                    }
+                )
             case _:  # an event type added later: its own fields
                 model_id = str(getattr(event, "model_id", ""))
                 data = msgspec.json.encode(event)

@@ -205,8 +205,9 @@ def _path_id(model_id: str) -> str:
 
 
 def _not_found(model_id: str, param: str) -> ApiError:
-    return ApiError(404, f"Model not found: {model_id}", NOT_FOUND, param=param,
-                    code="model_not_found")
+    return ApiError(
+        404, f"Model not found: {model_id}", NOT_FOUND, param=param, code="model_not_found"
+    )
 
 
 def _guess_type(model_id: str, url: str) -> str:
@@ -236,8 +237,10 @@ def _engine_view(kernel: Kernel, entry: EngineEntry) -> ModelView:
         main_gpu_id=entry.main_gpu_id,
         load_immediately=entry.load_immediately,
         loading_parameters=entry.loading_parameters,
-        message="Model is loaded and ready" if state == "loaded"
-        else "Model is loading" if state == "loading"
+        message="Model is loaded and ready"
+        if state == "loaded"
+        else "Model is loading"
+        if state == "loading"
         else "Model exists but is currently unloaded; it loads on first use",
         gpu_id=entry.gpu_id,
         created_at=entry.created_at,
@@ -267,29 +270,48 @@ async def _start_download(kernel: Kernel, body: AddModelRequest, spec: EngineSpe
     url = body.model_path
     existing = kernel.downloads.records.get(body.model_id)
     if existing is not None and existing.status not in TERMINAL and existing.url == url:
-        return Response(ModelDownloadStarted(
-            model_id=body.model_id, model_type=existing.model_type, status=existing.status,
-            message=f"Model download already in progress. Use /downloads/{body.model_id} to "
-                    "check status.",
-            download_url=url, local_path=existing.local_path,
-        ), status_code=202)
+        return Response(
+            ModelDownloadStarted(
+                model_id=body.model_id,
+                model_type=existing.model_type,
+                status=existing.status,
+                message=f"Model download already in progress. Use /downloads/{body.model_id} to "
+                "check status.",
+                download_url=url,
+                local_path=existing.local_path,
+            ),
+            status_code=202,
+        )
     model_type = body.model_type or _guess_type(body.model_id, url)
     rec = await kernel.downloads.create(
-        model_id=body.model_id, url=url, model_type=model_type,  # type: ignore[arg-type]
+        model_id=body.model_id,
+        url=url,
+        model_type=model_type,  # type: ignore[arg-type]
         engine=spec,
     )
     kernel.engines.infer_type_on_create(body.model_id, body.model_type is None)
-    return Response(ModelDownloadStarted(
-        model_id=rec.model_id, model_type=rec.model_type, status="downloading",
-        message="Download started in background", download_url=url, local_path=rec.local_path,
-    ), status_code=202)
+    return Response(
+        ModelDownloadStarted(
+            model_id=rec.model_id,
+            model_type=rec.model_type,
+            status="downloading",
+            message="Download started in background",
+            download_url=url,
+            local_path=rec.local_path,
+        ),
+        status_code=202,
+    )
 
 
 async def _create_local(kernel: Kernel, body: AddModelRequest, spec: EngineSpec) -> Response[Any]:
     path = await asyncio.to_thread(_existing_path, body.model_path)
     if path is None:
-        raise ApiError(400, f"Model path '{body.model_path}' does not exist. Please verify the "
-                       "path is correct.", param="model_path", code="model_path_not_found")
+        raise ApiError(
+            400,
+            f"Model path '{body.model_path}' does not exist. Please verify the path is correct.",
+            param="model_path",
+            code="model_path_not_found",
+        )
     pending = kernel.downloads.records.get(body.model_id)
     if pending is not None and pending.status not in TERMINAL:
         raise DownloadExists(body.model_id, pending.status)
@@ -301,22 +323,26 @@ async def _create_local(kernel: Kernel, body: AddModelRequest, spec: EngineSpec)
     except EngineError as exc:
         raise ApiError(422, exc.message, param="model_path", code="model_loading_failed") from exc
     seconds = time.monotonic() - started
-    kernel.bus.publish(EngineCreated(body.model_id, engine.model_type, spec.inference_engine,
-                                     seconds=seconds))
+    kernel.bus.publish(
+        EngineCreated(body.model_id, engine.model_type, spec.inference_engine, seconds=seconds)
+    )
     state = kernel.engines.state(body.model_id)
     details = kernel.engines.details(body.model_id)
-    return Response(ModelAdded(
-        model_id=body.model_id,
-        model_path=path,
-        model_type=engine.model_type,
-        status="loaded" if state == "loaded" else "created",
-        load_immediately=spec.load_immediately,
-        loading_parameters=spec.loading_parameters,
-        main_gpu_id=spec.main_gpu_id,
-        inference_engine=spec.inference_engine,
-        message="Engine added successfully",
-        details=details if details is not None else UNSET,
-    ), status_code=201)
+    return Response(
+        ModelAdded(
+            model_id=body.model_id,
+            model_path=path,
+            model_type=engine.model_type,
+            status="loaded" if state == "loaded" else "created",
+            load_immediately=spec.load_immediately,
+            loading_parameters=spec.loading_parameters,
+            main_gpu_id=spec.main_gpu_id,
+            inference_engine=spec.inference_engine,
+            message="Engine added successfully",
+            details=details if details is not None else UNSET,
+        ),
+        status_code=201,
+    )
 
 
 def _existing_path(path: str) -> str | None:
@@ -337,13 +363,20 @@ class ModelsController(Controller):
 
     path = "/"
 
-    @post("/models", status_code=201, tags=["models"],
-          summary="Add a model: a URL starts a download (202), a local path loads now (201)",
-          responses={
-              202: ResponseSpec(ModelDownloadStarted, description="A startup download began",
-                                generate_examples=False),
-              **error_responses(400, 409, 413, 422),
-          })
+    @post(
+        "/models",
+        status_code=201,
+        tags=["models"],
+        summary="Add a model: a URL starts a download (202), a local path loads now (201)",
+        responses={
+            202: ResponseSpec(
+                ModelDownloadStarted,
+                description="A startup download began",
+                generate_examples=False,
+            ),
+            **error_responses(400, 409, 413, 422),
+        },
+    )
     async def add_model(
         self, data: JSONBody[dict[str, Any]], kernel: KernelDep
     ) -> Response[ModelAdded | ModelDownloadStarted]:
@@ -352,33 +385,46 @@ class ModelsController(Controller):
         spec = EngineSpec(
             load_immediately=body.load_immediately,
             main_gpu_id=body.main_gpu_id,
-            inference_engine=body.inference_engine or kernel.engines.default_backend
+            inference_engine=body.inference_engine
+            or kernel.engines.default_backend
             or DEFAULT_BACKEND,
             loading_parameters=body.loading_parameters,
         )
         kernel.engines.validate(spec, prefix="")
         if kernel.engines.get(body.model_id) is not None:
             raise ApiError(
-                409, f"Model ID '{body.model_id}' is already registered; remove it first with "
-                f"DELETE /v1/models/{body.model_id}.", param="model_id", code="model_exists",
+                409,
+                f"Model ID '{body.model_id}' is already registered; remove it first with "
+                f"DELETE /v1/models/{body.model_id}.",
+                param="model_id",
+                code="model_exists",
             )
         if _URL.match(body.model_path):
             return await _start_download(kernel, body, spec)
         return await _create_local(kernel, body, spec)
 
-    @get("/models", tags=["models"], summary="Registered models and startup downloads under way",
-         responses=error_responses())
+    @get(
+        "/models",
+        tags=["models"],
+        summary="Registered models and startup downloads under way",
+        responses=error_responses(),
+    )
     async def list_models(self, kernel: KernelDep) -> ModelList:
         views = [_engine_view(kernel, entry) for entry in kernel.engines.registered()]
         seen = {view.model_id for view in views}
         views += [
-            _download_view(rec) for rec in kernel.downloads.list()
+            _download_view(rec)
+            for rec in kernel.downloads.list()
             if rec.download_type == "startup" and rec.model_id not in seen
         ]
         return ModelList(models=views, total_count=len(views))
 
-    @get("/models/{model_id:str}", tags=["models"], summary="One model",
-         responses=error_responses(400, 404))
+    @get(
+        "/models/{model_id:str}",
+        tags=["models"],
+        summary="One model",
+        responses=error_responses(400, 404),
+    )
     async def get_model(self, model_id: FromPath[str], kernel: KernelDep) -> ModelView:
         _path_id(model_id)
         entry = kernel.engines.entries.get(model_id)
@@ -389,9 +435,13 @@ class ModelsController(Controller):
             raise _not_found(model_id, "model_id")
         return _download_view(rec)
 
-    @delete("/models/{model_id:str}", status_code=200, tags=["models"],
-            summary="Unload and forget a model (cancelling its startup download if under way)",
-            responses=error_responses(400, 404))
+    @delete(
+        "/models/{model_id:str}",
+        status_code=200,
+        tags=["models"],
+        summary="Unload and forget a model (cancelling its startup download if under way)",
+        responses=error_responses(400, 404),
+    )
     async def remove_model(self, model_id: FromPath[str], kernel: KernelDep) -> ModelRemoved:
         _path_id(model_id)
         cancelled = False
@@ -401,11 +451,16 @@ class ModelsController(Controller):
         kernel.engines.infer_type_on_create(model_id, False)
         if not await kernel.engines.remove(model_id) and not cancelled:
             raise _not_found(model_id, "model_id")
-        return ModelRemoved(model_id=model_id, status="removed",
-                            message="Model removed successfully")
+        return ModelRemoved(
+            model_id=model_id, status="removed", message="Model removed successfully"
+        )
 
-    @get("/engines", tags=["engines"], summary="Inference engine backends and visible GPUs",
-         responses=error_responses())
+    @get(
+        "/engines",
+        tags=["engines"],
+        summary="Inference engine backends and visible GPUs",
+        responses=error_responses(),
+    )
     async def list_engines(self, kernel: KernelDep) -> EngineList:
         default = kernel.engines.default_backend
         backends = [
@@ -419,14 +474,21 @@ class ModelsController(Controller):
             )
             for b in kernel.engines.backend_list
         ]
-        gpus = [GpuView(id=g.id, name=g.name, total_memory=g.total_memory,
-                        free_memory=g.free_memory) for g in kernel.engines.gpus]
-        return EngineList(inference_engines=backends, default_engine=default,
-                          total_count=len(backends), gpus=gpus)
+        gpus = [
+            GpuView(id=g.id, name=g.name, total_memory=g.total_memory, free_memory=g.free_memory)
+            for g in kernel.engines.gpus
+        ]
+        return EngineList(
+            inference_engines=backends, default_engine=default, total_count=len(backends), gpus=gpus
+        )
 
-    @post("/completions", status_code=200, tags=["inference"],
-          summary="OpenAI text completion (non-streaming) from an llm model",
-          responses=error_responses(400, 404, 413, 422))
+    @post(
+        "/completions",
+        status_code=200,
+        tags=["inference"],
+        summary="OpenAI text completion (non-streaming) from an llm model",
+        responses=error_responses(400, 404, 413, 422),
+    )
     async def completions(
         self, data: JSONBody[dict[str, Any]], kernel: KernelDep
     ) -> TextCompletion:
@@ -442,30 +504,39 @@ class ModelsController(Controller):
         prompt_tokens = completion_tokens = 0
         for index, prompt in enumerate(prompts):
             result = await kernel.engines.complete(body.model, prompt, body.max_tokens)
-            choices.append(CompletionChoice(text=result.text, index=index,
-                                            finish_reason=result.finish_reason))
+            choices.append(
+                CompletionChoice(text=result.text, index=index, finish_reason=result.finish_reason)
+            )
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
         return TextCompletion(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=body.model,
             choices=choices,
-            usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens),
+            usage=CompletionUsage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
         )
 
-    @post("/embeddings", status_code=200, tags=["inference"],
-          summary="OpenAI embeddings from an embedding model",
-          responses=error_responses(400, 404, 413, 422))
-    async def embeddings(
-        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
-    ) -> EmbeddingList:
+    @post(
+        "/embeddings",
+        status_code=200,
+        tags=["inference"],
+        summary="OpenAI embeddings from an embedding model",
+        responses=error_responses(400, 404, 413, 422),
+    )
+    async def embeddings(self, data: JSONBody[dict[str, Any]], kernel: KernelDep) -> EmbeddingList:
         body = msgspec.convert(data, EmbeddingRequest)
         if kernel.engines.get(body.model) is None:
             raise _not_found(body.model, "model")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or not all(texts):
-            raise InvalidRequest("input must be a non-empty string or a list of them.",
-                                 param="input")
+            raise InvalidRequest(
+                "input must be a non-empty string or a list of them.", param="input"
+            )
         vectors, tokens = await kernel.engines.embed(body.model, texts)
         encode = _float32_base64 if body.encoding_format == "base64" else list
         return EmbeddingList(

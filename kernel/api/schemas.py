@@ -209,8 +209,9 @@ class Download(_Wire):
                 start_time=rec.start_time,
                 elapsed_seconds=max(0, (ended - rec.start_time) // 1000),
                 estimated_remaining_seconds=eta_seconds(rec, speed),
-                end_time=rec.end_time if rec.status in ("completed", "failed", "cancelled")
-                and rec.end_time is not None else UNSET,
+                end_time=rec.end_time
+                if rec.status in ("completed", "failed", "cancelled") and rec.end_time is not None
+                else UNSET,
             ),
             error_message=rec.error_message if rec.error_message else UNSET,
             engine_creation=EngineCreation.from_record(rec, detail=detail),

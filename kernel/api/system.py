@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from typing import Annotated, Any, TypeAlias
+from typing import Annotated, Any, ClassVar, TypeAlias
 
 from litestar import Controller, Response, get, patch
 from litestar.enums import RequestEncodingType
@@ -41,7 +41,7 @@ SettingsPatch: TypeAlias = Annotated[
 
 
 class SystemController(Controller):
-    tags = ["system"]
+    tags: ClassVar[list[str]] = ["system"]
 
     @get("/health", summary="Liveness (no auth)")
     async def health(self) -> Health:
@@ -67,7 +67,8 @@ class SystemController(Controller):
         checks["models_dir"] = "ok" if writable else f"{models_dir} is not writable"
         free = (await asyncio.to_thread(shutil.disk_usage, models_dir)).free
         checks["disk"] = (
-            "ok" if free >= MIN_FREE_BYTES
+            "ok"
+            if free >= MIN_FREE_BYTES
             else f"only {free} bytes free in {models_dir} (need {MIN_FREE_BYTES})"
         )
         ready = all(value == "ok" for value in checks.values())
@@ -75,7 +76,9 @@ class SystemController(Controller):
         return Response(body, status_code=200 if ready else 503)
 
     @get(
-        "/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE,
+        "/metrics",
+        summary="Prometheus metrics",
+        media_type=CONTENT_TYPE,
         responses=error_responses(),
     )
     async def metrics(self, kernel: KernelDep) -> Response[bytes]:
@@ -84,7 +87,7 @@ class SystemController(Controller):
 
 class SettingsController(Controller):
     path = "/settings"
-    tags = ["settings"]
+    tags: ClassVar[list[str]] = ["settings"]
 
     @get("/", summary="The downloads settings in force", responses=error_responses())
     async def get_settings(self, kernel: KernelDep) -> RuntimeSettings:

@@ -23,10 +23,19 @@ GGUF_MAGIC = b"GGUF"
 
 # Architectures that only encode (no text generation): their GGUFs are embedding or rerank
 # models. Names as gguf-py spells them (MODEL_ARCH_NAMES).
-ENCODER_ARCHITECTURES = frozenset({
-    "bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2",
-    "jina-bert-v3", "eurobert", "t5encoder",
-})
+ENCODER_ARCHITECTURES = frozenset(
+    {
+        "bert",
+        "modern-bert",
+        "nomic-bert",
+        "nomic-bert-moe",
+        "neo-bert",
+        "jina-bert-v2",
+        "jina-bert-v3",
+        "eurobert",
+        "t5encoder",
+    }
+)
 
 # llama.cpp's enum llama_pooling_type
 POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
@@ -67,7 +76,8 @@ def find_model_file(path: str) -> str:
             raise EngineError(f"Model file {path} does not exist.")
         return path
     candidates = sorted(
-        entry.path for entry in os.scandir(path)
+        entry.path
+        for entry in os.scandir(path)
         if entry.is_file() and entry.name.lower().endswith(".gguf")
     )
     if not candidates:
@@ -165,8 +175,10 @@ def _scalar(field: ReaderField | None) -> Any:
     """A numeric or boolean value, or None when the key is absent or not a scalar."""
     from gguf import GGUFValueType
 
-    if field is None or not field.types or field.types[0] in (
-        GGUFValueType.ARRAY, GGUFValueType.STRING
+    if (
+        field is None
+        or not field.types
+        or field.types[0] in (GGUFValueType.ARRAY, GGUFValueType.STRING)
     ):
         return None
     return field.parts[field.data[0]][0].item()

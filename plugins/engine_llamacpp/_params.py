@@ -45,11 +45,25 @@ MAPPED: dict[str, tuple[str, type]] = {
 # Kolosal names whose meaning is inverted in llama-cpp-python.
 INVERTED: dict[str, str] = {"no_kv_offload": "offload_kqv", "no_op_offload": "op_offload"}
 # Kolosal parameters with no llama-cpp-python equivalent: accepted, documented, ignored.
-IGNORED = frozenset({
-    "n_keep", "n_parallel", "cont_batching", "warmup", "n_sequences", "n_chunks", "grp_attn_n",
-    "grp_attn_w", "defrag_thold", "check_tensors", "kv_unified", "ctx_shift", "no_extra_bufts",
-    "embedding", "main_gpu",
-})
+IGNORED = frozenset(
+    {
+        "n_keep",
+        "n_parallel",
+        "cont_batching",
+        "warmup",
+        "n_sequences",
+        "n_chunks",
+        "grp_attn_n",
+        "grp_attn_w",
+        "defrag_thold",
+        "check_tensors",
+        "kv_unified",
+        "ctx_shift",
+        "no_extra_bufts",
+        "embedding",
+        "main_gpu",
+    }
+)
 
 DEFAULT_N_CTX = 4096  # Kolosal's default; capped at the model's training context
 DEFAULT_N_GPU_LAYERS = -1  # Kolosal's default: offload every layer a GPU build can

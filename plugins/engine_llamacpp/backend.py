@@ -78,20 +78,35 @@ class LlamaCppBackend:
         kind = infer_model_type(info, model_type, model_id)
         params = spec.loading_parameters
         kwargs = llama_kwargs(
-            params, main_gpu=spec.main_gpu_id, embedding=kind == "embedding",
+            params,
+            main_gpu=spec.main_gpu_id,
+            embedding=kind == "embedding",
             context_length=info.context_length,
         )
-        if kind == "embedding" and "pooling_type" not in params and info.pooling_type in (
-            None, "none"
+        if (
+            kind == "embedding"
+            and "pooling_type" not in params
+            and info.pooling_type in (None, "none")
         ):
             kwargs["pooling_type"] = POOLING_MEAN  # one vector per input, not one per token
         engine = LlamaCppEngine(
-            model_id, kind, info, _supported(llama_cpp.Llama, kwargs), llama_cpp.Llama,
+            model_id,
+            kind,
+            info,
+            _supported(llama_cpp.Llama, kwargs),
+            llama_cpp.Llama,
             normalize=params.get("embd_normalize", 2) != -1,
         )
-        log.info("engine.registered", model_id=model_id, model_type=kind, path=file,
-                 architecture=info.architecture, quantization=info.quantization,
-                 parameters=info.parameter_count, load_immediately=spec.load_immediately)
+        log.info(
+            "engine.registered",
+            model_id=model_id,
+            model_type=kind,
+            path=file,
+            architecture=info.architecture,
+            quantization=info.quantization,
+            parameters=info.parameter_count,
+            load_immediately=spec.load_immediately,
+        )
         if spec.load_immediately:
             await engine.load()
         return engine

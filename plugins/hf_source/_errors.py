@@ -8,13 +8,11 @@ without a token, 404 with one): the hub does not say which.
 
 from __future__ import annotations
 
-import email.utils
-import time
-
 import httpx
 
 from kernel.errors import PermanentError, SourceError, TransientError
 from plugins.hf_source._ref import HubRef
+from plugins.http_source.source import retry_after_seconds
 
 __all__ = ["TOKEN_HINT", "check_hub_response", "retry_after"]
 
@@ -23,17 +21,7 @@ DISABLED = "Access to this resource is disabled."
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds (delta or HTTP date), None when absent or unreadable."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    return retry_after_seconds(response.headers)
 
 
 def check_hub_response(

@@ -151,8 +151,9 @@ def _parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
     return int(parts[1]), headers
 
 
-async def open_raw(url: str, headers: dict[str, str], *, connect_timeout: float,
-                   max_redirects: int = 5) -> RawResponse:
+async def open_raw(
+    url: str, headers: dict[str, str], *, connect_timeout: float, max_redirects: int = 5
+) -> RawResponse:
     """GET ``url`` (following redirects); raises OSError / ConnectionError / TimeoutError."""
     loop = asyncio.get_running_loop()
     for _ in range(max_redirects + 1):

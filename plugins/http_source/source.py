@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import os
 import re
 import ssl
 import time
-import os
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import certifi
 import httpx
 
-from plugins.http_source._raw import RawResponse, _Redirected, fast_path_ok, open_raw
-
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
 from kernel.types import Probe
+from plugins.http_source._raw import RawResponse, _Redirected, fast_path_ok, open_raw
 
-__all__ = ["HttpBody", "HttpSource", "RawBody", "check_status", "raise_for_status", "validator_of"]
+__all__ = [
+    "HttpBody",
+    "HttpSource",
+    "RawBody",
+    "check_status",
+    "raise_for_status",
+    "retry_after_seconds",
+    "validator_of",
+]
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -34,8 +41,9 @@ def validator_of(response: httpx.Response | RawResponse) -> str | None:
     return response.headers.get("last-modified")
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds (delta or HTTP date); None when absent or unreadable."""
+    value = headers.get("retry-after", "").strip()
     if not value:
         return None
     if value.isdigit():
@@ -54,7 +62,7 @@ def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
     if status in (408, 429) or status >= 500:
         raise TransientError(
             f"The server answered HTTP {status} for {url}.",
-            retry_after=_retry_after(headers),
+            retry_after=retry_after_seconds(headers),
             reason=f"http_{status}",
         )
     if status in (401, 403):
@@ -103,8 +111,9 @@ class HttpBody:
 class RawBody:
     """A body read by the lean reader: ``readinto`` fills the transfer's own buffers."""
 
-    def __init__(self, response: RawResponse, start: int, total: int | None, url: str,
-                 stall_timeout: float) -> None:
+    def __init__(
+        self, response: RawResponse, start: int, total: int | None, url: str, stall_timeout: float
+    ) -> None:
         self.response = response
         self.start = start
         self.total = total
@@ -147,7 +156,11 @@ class HttpSource:
         self.ref = ref
         self.url = ref
         self.filename = _basename(ref)
-        self._headers = {"user-agent": _USER_AGENT, "accept-encoding": "identity", **(headers or {})}
+        self._headers = {
+            "user-agent": _USER_AGENT,
+            "accept-encoding": "identity",
+            **(headers or {}),
+        }
         self._timeout = httpx.Timeout(connect=10.0, read=stall_timeout_s, write=30.0, pool=10.0)
         self._client = client
         self._own_client = client is None
@@ -224,7 +237,8 @@ class HttpSource:
             raise TransientError(f"Timed out connecting to {url}.", reason="network") from exc
         except (OSError, ConnectionError) as exc:
             raise TransientError(
-                f"Network error ({type(exc).__name__}) while fetching {url}: {exc}", reason="network"
+                f"Network error ({type(exc).__name__}) while fetching {url}: {exc}",
+                reason="network",
             ) from exc
         try:
             self._check_body_status(response.status_code, response.headers, offset, url)
