@@ -19,7 +19,7 @@ from kernel.errors import InvalidRequest, KernelError
 from kernel.events import EventBus
 from kernel.metrics import Metrics
 from kernel.plugins import Plugins, make_plugin_manager
-from kernel.types import DownloadStore, EngineSpec, Event
+from kernel.types import DownloadStore, EngineSpec, Event, ModelType
 
 __all__ = ["Kernel"]
 
@@ -168,7 +168,7 @@ class Kernel:
             inference_engine=entry.inference_engine,
             loading_parameters=entry.load_params,
         )
-        model_type = "embedding" if entry.type == "embedding" else "llm"
+        model_type: ModelType = "embedding" if entry.type == "embedding" else "llm"
         try:
             if "://" in entry.path:
                 await self.downloads.ensure_startup(entry.id, entry.path, model_type, spec)

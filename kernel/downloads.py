@@ -13,6 +13,7 @@ once the transfer task has stopped.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import os
 import re
@@ -143,7 +144,7 @@ class DownloadManager:
         self._seq = 0
         self._stopping = False
         # The API layer's encoded views of ended downloads (they never change), by model id.
-        self.view_cache: dict[str, tuple[object, object]] = {}
+        self.view_cache: dict[str, tuple[object, msgspec.Raw]] = {}
         self.bucket = TokenBucket(lambda: self.settings.downloads.max_bytes_per_second)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -210,7 +211,7 @@ class DownloadManager:
             return [r for r in records if r.status not in TERMINAL]
         return [r for r in records if r.status in statuses]
 
-    def queue(self) -> list[DownloadRecord]:
+    def queue(self) -> builtins.list[DownloadRecord]:
         """Queued downloads in the order they will start: priority, then FIFO."""
         queued = [r for r in self.records.values() if r.status == "queued"]
         return sorted(queued, key=lambda r: (-r.priority, r.seq))
@@ -424,7 +425,7 @@ class DownloadManager:
 
     async def cancel_all(
         self,
-    ) -> tuple[list[tuple[DownloadRecord, str]], list[tuple[str, str, str]]]:
+    ) -> tuple[builtins.list[tuple[DownloadRecord, str]], builtins.list[tuple[str, str, str]]]:
         """Cancel every non-terminal download. Returns (cancelled, failed) where failed rows
         are (model_id, status, reason)."""
         cancelled: list[tuple[DownloadRecord, str]] = []

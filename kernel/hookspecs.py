@@ -31,7 +31,7 @@ hookimpl = pluggy.HookimplMarker("modelkernel")
 
 
 @hookspec(firstresult=True)
-def resolve_source(ref: str, settings: Settings) -> Source | None:  # type: ignore[empty-body]
+def resolve_source(ref: str, settings: Settings) -> Source | None:
     """Return a Source that can fetch ``ref``, or None if ``ref`` is not this plugin's.
 
     ``ref`` is the ``url`` of a create request (``https://...``, ``hf://...``, or any scheme a
@@ -43,7 +43,7 @@ def resolve_source(ref: str, settings: Settings) -> Source | None:  # type: igno
 
 
 @hookspec(firstresult=True)
-def open_store(settings: Settings) -> DownloadStore | None:  # type: ignore[empty-body]
+def open_store(settings: Settings) -> DownloadStore | None:
     """Return the DownloadStore that keeps download records across restarts.
 
     First non-None result wins. The builtin ``sqlite_store`` is ``trylast``, so any other store

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from typing import Annotated, Any, ClassVar, TypeAlias
+from typing import Annotated, Any, TypeAlias
 
 from litestar import Controller, Response, get, patch
 from litestar.enums import RequestEncodingType
@@ -41,7 +41,7 @@ SettingsPatch: TypeAlias = Annotated[
 
 
 class SystemController(Controller):
-    tags: ClassVar[list[str]] = ["system"]
+    tags = ["system"]  # noqa: RUF012 - Litestar declares Controller.tags as a plain attribute
 
     @get("/health", summary="Liveness (no auth)")
     async def health(self) -> Health:
@@ -87,7 +87,7 @@ class SystemController(Controller):
 
 class SettingsController(Controller):
     path = "/settings"
-    tags: ClassVar[list[str]] = ["settings"]
+    tags = ["settings"]  # noqa: RUF012 - Litestar declares Controller.tags as a plain attribute
 
     @get("/", summary="The downloads settings in force", responses=error_responses())
     async def get_settings(self, kernel: KernelDep) -> RuntimeSettings:
