@@ -18,7 +18,6 @@ import collections
 import os
 import re
 import time
-import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,17 +47,24 @@ from kernel.types import (
     ModelType,
     Status,
 )
+from kernel.validation import validate_filename, validate_model_id, validate_url
 
 if TYPE_CHECKING:
     from kernel.engines import EngineRegistry
     from kernel.metrics import Metrics
     from kernel.plugins import Plugins
 
-__all__ = ["TRANSITIONS", "DownloadManager", "check_transition", "validate_model_id"]
+__all__ = [
+    "TRANSITIONS",
+    "DownloadManager",
+    "check_transition",
+    "validate_filename",
+    "validate_model_id",
+    "validate_url",
+]
 
 log = structlog.get_logger()
 
-MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress events a second per download
 CHECKPOINT_INTERVAL_S = 1.0  # progress saved to the store at least this often
 
@@ -78,41 +84,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 def check_transition(old: str, new: str) -> None:
     if new not in TRANSITIONS[old]:
         raise RuntimeError(f"Illegal download transition {old} -> {new}.")
-
-
-def validate_model_id(model_id: str, *, param: str = "model_id", code: str | None = None) -> None:
-    if not MODEL_ID.fullmatch(model_id):
-        raise InvalidRequest(
-            f"Invalid model ID {model_id[:140]!r}: use 1-128 letters, digits and . _ : @ + - "
-            "starting with a letter or digit.",
-            param=param,
-            code=code,
-        )
-
-
-MAX_URL_LENGTH = 8192
-
-
-def validate_url(url: str, *, param: str = "url") -> None:
-    """Bounded length, no control characters. Which schemes work is up to the source plugins."""
-    if not url or len(url) > MAX_URL_LENGTH:
-        raise InvalidRequest(f"The URL must be 1 to {MAX_URL_LENGTH} characters long.", param=param)
-    if any(unicodedata.category(c)[0] == "C" for c in url):
-        raise InvalidRequest("The URL contains control characters.", param=param)
-
-
-def validate_filename(name: str, *, param: str = "filename") -> str:
-    """A single path component that cannot escape its directory: rejected, never rewritten."""
-    if (
-        not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or len(name.encode()) > 255
-        or any(unicodedata.category(c)[0] == "C" for c in name)
-    ):
-        raise InvalidRequest(f"Invalid file name {name[:300]!r}.", param=param)
-    return name
 
 
 class DownloadManager:

@@ -14,9 +14,6 @@ file always ends on a chunk boundary the counters agree with.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import hashlib
 import os
 import random
 import shutil
@@ -26,6 +23,15 @@ from typing import Any
 
 import structlog
 
+from kernel._files import (
+    PartFile,
+    Writeback,
+    file_sha256,
+    remove,
+    rename_durably,
+    size_of,
+    write_at,
+)
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
 from kernel.segments import check_segments, plan_segments, preallocate, run_segments
@@ -37,156 +43,16 @@ __all__ = ["Transfer", "now_ms"]
 log = structlog.get_logger()
 
 WRITE_BLOCK = 4 << 20  # bytes gathered before one write() in a worker thread
-SYNC_EVERY = 32 << 20  # start background writeback after this many bytes
 FLUSH_S = 0.25  # ...or after this long, so progress and pause lose nothing on slow links
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (1, 2, 3)
-# The write and disk layers: one seam each for fault-injection tests (ENOSPC, a full disk).
-_pwrite = os.pwrite
+# The disk layer: a seam for fault-injection tests (a full disk).
 _disk_usage = shutil.disk_usage
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class _PartFile:
-    """The ``.part`` file: positional writes in a worker thread, optional running sha256."""
-
-    def __init__(self, path: str, offset: int, hashing: bool) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, offset)
-        self.pos = offset  # bytes known to be on disk
-        self.issued = offset  # bytes handed to writes, landed or not
-        self.hasher = hashlib.sha256() if hashing else None
-        self.writeback = _Writeback(self.fd)
-
-    async def hash_existing(self) -> None:
-        if self.hasher is None or self.pos == 0:
-            return
-        await asyncio.to_thread(_hash_file_into, self.path, self.pos, self.hasher)
-
-    def _write(self, data: bytes | memoryview, pos: int) -> None:
-        _pwrite_all(self.fd, data, pos)
-        if self.hasher is not None:
-            self.hasher.update(data)
-
-    def submit(self, data: bytes | memoryview) -> asyncio.Future[None]:
-        """Start writing ``data`` after everything submitted so far, in a worker thread."""
-        pos, self.issued = self.issued, self.issued + len(data)
-        return asyncio.get_running_loop().run_in_executor(None, self._write, data, pos)
-
-    async def complete(self, pending: asyncio.Future[None], size: int) -> None:
-        """Wait for a submitted write. A cancelled caller still waits for the bytes to land,
-        so the file never changes after the task has stopped."""
-        try:
-            await _landed(pending, self.path)
-        except asyncio.CancelledError:
-            if pending.done() and not pending.cancelled() and pending.exception() is None:
-                self.pos += size  # it landed: the counters must agree with the file
-            raise
-        self.pos += size
-        self.writeback.wrote(size)
-
-    async def write(self, data: bytes) -> None:
-        await self.complete(self.submit(data), len(data))
-
-    async def sync_and_close(self) -> None:
-        await self.writeback.sync()
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _Writeback:
-    """Starts flushing a file to disk in the background every ``SYNC_EVERY`` bytes written,
-    on a duplicate descriptor (so closing the file never races it): the disk works while the
-    network does, and the fsync before the rename has only the tail left."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._unsynced = 0
-        self._running: asyncio.Future[None] | None = None
-
-    def wrote(self, n: int) -> None:
-        self._unsynced += n
-        if self._unsynced >= SYNC_EVERY and (self._running is None or self._running.done()):
-            self._unsynced = 0
-            self._running = asyncio.get_running_loop().run_in_executor(
-                None, _datasync_dup, os.dup(self.fd)
-            )
-
-    async def sync(self) -> None:
-        """Everything written is on disk (the final, durable flush)."""
-        if self._running is not None:
-            await self._running
-        await asyncio.to_thread(os.fsync, self.fd)
-
-
-def _datasync_dup(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = _pwrite(fd, view, pos)
-        view = view[written:]
-        pos += written
-
-
-async def _landed(pending: asyncio.Future[None], path: str) -> None:
-    """Await a write in a worker thread; on cancellation let it land first. Disk errors
-    become PermanentError with a message a user can act on."""
-    try:
-        await asyncio.shield(pending)
-    except asyncio.CancelledError:
-        await asyncio.wait({pending})
-        raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise PermanentError(
-                f"The disk is full ({os.path.dirname(path)}): free some space, then start the "
-                "download again; it continues from the partial file, which is kept."
-            ) from exc
-        raise PermanentError(f"Cannot write {path}: {exc.strerror}.") from exc
-
-
-async def _write_at(fd: int, data: memoryview, pos: int, path: str) -> None:
-    loop = asyncio.get_running_loop()
-    await _landed(loop.run_in_executor(None, _pwrite_all, fd, data, pos), path)
-
-
-def _hash_file_into(path: str, length: int, hasher: Any) -> None:
-    with open(path, "rb") as f:
-        remaining = length
-        while remaining > 0:
-            block = f.read(min(8 << 20, remaining))
-            if not block:
-                break
-            hasher.update(block)
-            remaining -= len(block)
-
-
-def _file_sha256(path: str) -> str:
-    hasher = hashlib.sha256()
-    _hash_file_into(path, os.path.getsize(path), hasher)
-    return hasher.hexdigest()
-
-
-def _size(path: str) -> int | None:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return None
 
 
 class Transfer:
@@ -273,7 +139,7 @@ class Transfer:
         await asyncio.sleep(min(delay, 300.0))
 
     async def _discard_part(self) -> None:
-        await asyncio.to_thread(_remove, self.rec.part_path)
+        await asyncio.to_thread(remove, self.rec.part_path)
         self.rec.validator = None
         self.rec.segments = None
         self.rec.downloaded_bytes = 0
@@ -292,7 +158,7 @@ class Transfer:
             if await self._already_present():
                 return True
         probe = self.probe
-        part_size = await asyncio.to_thread(_size, rec.part_path) or 0
+        part_size = await asyncio.to_thread(size_of, rec.part_path) or 0
         if rec.segments is not None or self._should_segment(probe, part_size):
             return await self._attempt_segmented(probe, part_size)
         offset = part_size if probe.accept_ranges else 0
@@ -325,7 +191,7 @@ class Transfer:
     async def _stream(self, body: Any, offset: int) -> None:
         rec = self.rec
         self._hasher = None
-        part = _PartFile(rec.part_path, offset, hashing=self.expected_sha256 is not None)
+        part = PartFile(rec.part_path, offset, hashing=self.expected_sha256 is not None)
         try:
             await part.hash_existing()
             if hasattr(body, "readinto"):
@@ -371,10 +237,10 @@ class Transfer:
         rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
         log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
         fd = await asyncio.to_thread(os.open, rec.part_path, os.O_WRONLY)
-        writeback = _Writeback(fd)
+        writeback = Writeback(fd)
 
-        async def write_at(pos: int, data: memoryview) -> None:
-            await _write_at(fd, data, pos, rec.part_path)
+        async def write_segment(pos: int, data: memoryview) -> None:
+            await write_at(fd, data, pos, rec.part_path)
             writeback.wrote(len(data))
 
         async def on_bytes(n: int) -> None:
@@ -385,7 +251,9 @@ class Transfer:
             await self._throttle(n)
 
         try:
-            await run_segments(rec, self.source, validator, write_at=write_at, on_bytes=on_bytes)
+            await run_segments(
+                rec, self.source, validator, write_at=write_segment, on_bytes=on_bytes
+            )
             await writeback.sync()
         finally:
             os.close(fd)
@@ -399,7 +267,7 @@ class Transfer:
         caps = [cap for cap in (self.rec.max_bytes_per_second, shared) if cap > 0]
         return max(64 * 1024, int(min(caps) * FLUSH_S)) if caps else WRITE_BLOCK
 
-    async def _stream_blocks(self, body: Any, part: _PartFile) -> None:
+    async def _stream_blocks(self, body: Any, part: PartFile) -> None:
         """The lean path: the source reads straight into one of two block buffers while the
         other is written by a worker thread, so network and disk overlap with no per-chunk
         objects in between."""
@@ -435,7 +303,7 @@ class Transfer:
                 await part.complete(*inflight)
             rec.downloaded_bytes = part.pos
 
-    async def _stream_chunks(self, body: Any, part: _PartFile) -> None:
+    async def _stream_chunks(self, body: Any, part: PartFile) -> None:
         """The general path for sources that only yield chunks: gather them into blocks."""
         rec = self.rec
         buffer = bytearray()
@@ -484,12 +352,12 @@ class Transfer:
     async def _already_present(self) -> bool:
         """A final file of the right size (and digest, when known) needs no transfer."""
         rec = self.rec
-        size = await asyncio.to_thread(_size, rec.local_path)
+        size = await asyncio.to_thread(size_of, rec.local_path)
         if size is None or not rec.total_bytes or size != rec.total_bytes:
             return False
         expected = self.expected_sha256
         if expected is not None:
-            digest = await asyncio.to_thread(_file_sha256, rec.local_path)
+            digest = await asyncio.to_thread(file_sha256, rec.local_path)
             if digest != expected:
                 return False
             rec.sha256 = digest
@@ -510,10 +378,10 @@ class Transfer:
             digest = (
                 self._hasher.hexdigest()
                 if self._hasher is not None
-                else await asyncio.to_thread(_file_sha256, rec.part_path)
+                else await asyncio.to_thread(file_sha256, rec.part_path)
             )
             if digest != expected:
-                await asyncio.to_thread(_remove, rec.part_path)
+                await asyncio.to_thread(remove, rec.part_path)
                 rec.downloaded_bytes = 0
                 raise PermanentError(
                     f"Checksum mismatch: expected sha256 {expected}, got {digest}; "
@@ -522,7 +390,7 @@ class Transfer:
             rec.sha256 = digest
         if rec.local_path.lower().endswith(".gguf"):
             await self._check_gguf()
-        await asyncio.to_thread(_rename_durably, rec.part_path, rec.local_path)
+        await asyncio.to_thread(rename_durably, rec.part_path, rec.local_path)
         rec.total_bytes = rec.total_bytes or size
         return True
 
@@ -540,22 +408,8 @@ class Transfer:
         elif int.from_bytes(head[4:8], "little") not in GGUF_VERSIONS:
             problem = f"unsupported GGUF version {int.from_bytes(head[4:8], 'little')}"
         if problem is not None:
-            await asyncio.to_thread(_remove, path)
+            await asyncio.to_thread(remove, path)
             self.rec.downloaded_bytes = 0
             raise PermanentError(
                 f"The downloaded file is not a valid GGUF model ({problem}); it was removed."
             )
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def _rename_durably(src: str, dst: str) -> None:
-    os.replace(src, dst)
-    dir_fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

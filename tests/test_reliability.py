@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
+import kernel._files
 import kernel.transfer
 from kernel.api.app import create_app
 from kernel.config import AuthSettings, RateLimitSettings, Settings
@@ -117,7 +118,7 @@ async def test_enospc_fails_keeps_the_part_and_a_later_create_resumes(
         written["n"] += len(view)
         return real(fd, view, pos)
 
-    monkeypatch.setattr(kernel.transfer, "_pwrite", pwrite_until_full)
+    monkeypatch.setattr(kernel._files, "_pwrite", pwrite_until_full)
     origin.faults.throttle_bps = 4 << 20
     await start(client, "full", url)
     failed = await wait_status(client, "full", "failed")
@@ -126,7 +127,7 @@ async def test_enospc_fails_keeps_the_part_and_a_later_create_resumes(
     kept = part.stat().st_size
     assert kept >= 1 << 20 and not Path(failed["local_path"]).exists()
 
-    monkeypatch.setattr(kernel.transfer, "_pwrite", real)
+    monkeypatch.setattr(kernel._files, "_pwrite", real)
     origin.faults.throttle_bps = None
     origin.requests.clear()
     await start(client, "full", url)

@@ -1,0 +1,180 @@
+"""The ``.part`` file: positional writes in worker threads, background writeback, hashing,
+and the durable rename. One seam each for fault-injection tests: ``_pwrite`` (the write
+layer, where ENOSPC is injected)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+from typing import Any
+
+from kernel.errors import PermanentError
+
+__all__ = [
+    "PartFile",
+    "Writeback",
+    "file_sha256",
+    "hash_file_into",
+    "remove",
+    "rename_durably",
+    "size_of",
+    "write_at",
+]
+
+SYNC_EVERY = 32 << 20  # start background writeback after this many bytes
+_pwrite = os.pwrite
+
+
+class PartFile:
+    """The ``.part`` file: positional writes in a worker thread, optional running sha256."""
+
+    def __init__(self, path: str, offset: int, hashing: bool) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, offset)
+        self.pos = offset  # bytes known to be on disk
+        self.issued = offset  # bytes handed to writes, landed or not
+        self.hasher = hashlib.sha256() if hashing else None
+        self.writeback = Writeback(self.fd)
+
+    async def hash_existing(self) -> None:
+        if self.hasher is None or self.pos == 0:
+            return
+        await asyncio.to_thread(hash_file_into, self.path, self.pos, self.hasher)
+
+    def _write(self, data: bytes | memoryview, pos: int) -> None:
+        _pwrite_all(self.fd, data, pos)
+        if self.hasher is not None:
+            self.hasher.update(data)
+
+    def submit(self, data: bytes | memoryview) -> asyncio.Future[None]:
+        """Start writing ``data`` after everything submitted so far, in a worker thread."""
+        pos, self.issued = self.issued, self.issued + len(data)
+        return asyncio.get_running_loop().run_in_executor(None, self._write, data, pos)
+
+    async def complete(self, pending: asyncio.Future[None], size: int) -> None:
+        """Wait for a submitted write. A cancelled caller still waits for the bytes to land,
+        so the file never changes after the task has stopped."""
+        try:
+            await _landed(pending, self.path)
+        except asyncio.CancelledError:
+            if pending.done() and not pending.cancelled() and pending.exception() is None:
+                self.pos += size  # it landed: the counters must agree with the file
+            raise
+        self.pos += size
+        self.writeback.wrote(size)
+
+    async def write(self, data: bytes) -> None:
+        await self.complete(self.submit(data), len(data))
+
+    async def sync_and_close(self) -> None:
+        await self.writeback.sync()
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Writeback:
+    """Starts flushing a file to disk in the background every ``SYNC_EVERY`` bytes written,
+    on a duplicate descriptor (so closing the file never races it): the disk works while the
+    network does, and the fsync before the rename has only the tail left."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._unsynced = 0
+        self._running: asyncio.Future[None] | None = None
+
+    def wrote(self, n: int) -> None:
+        self._unsynced += n
+        if self._unsynced >= SYNC_EVERY and (self._running is None or self._running.done()):
+            self._unsynced = 0
+            self._running = asyncio.get_running_loop().run_in_executor(
+                None, _datasync_dup, os.dup(self.fd)
+            )
+
+    async def sync(self) -> None:
+        """Everything written is on disk (the final, durable flush)."""
+        if self._running is not None:
+            await self._running
+        await asyncio.to_thread(os.fsync, self.fd)
+
+
+def _datasync_dup(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = _pwrite(fd, view, pos)
+        view = view[written:]
+        pos += written
+
+
+async def _landed(pending: asyncio.Future[None], path: str) -> None:
+    """Await a write in a worker thread; on cancellation let it land first. Disk errors
+    become PermanentError with a message a user can act on."""
+    try:
+        await asyncio.shield(pending)
+    except asyncio.CancelledError:
+        await asyncio.wait({pending})
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise PermanentError(
+                f"The disk is full ({os.path.dirname(path)}): free some space, then start the "
+                "download again; it continues from the partial file, which is kept."
+            ) from exc
+        raise PermanentError(f"Cannot write {path}: {exc.strerror}.") from exc
+
+
+async def write_at(fd: int, data: memoryview, pos: int, path: str) -> None:
+    loop = asyncio.get_running_loop()
+    await _landed(loop.run_in_executor(None, _pwrite_all, fd, data, pos), path)
+
+
+def hash_file_into(path: str, length: int, hasher: Any) -> None:
+    with open(path, "rb") as f:
+        remaining = length
+        while remaining > 0:
+            block = f.read(min(8 << 20, remaining))
+            if not block:
+                break
+            hasher.update(block)
+            remaining -= len(block)
+
+
+def file_sha256(path: str) -> str:
+    hasher = hashlib.sha256()
+    hash_file_into(path, os.path.getsize(path), hasher)
+    return hasher.hexdigest()
+
+
+def size_of(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return None
+
+
+def remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def rename_durably(src: str, dst: str) -> None:
+    os.replace(src, dst)
+    dir_fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
