@@ -217,3 +217,30 @@ def test_corrupt_or_newer_database_gives_a_clear_error(tmp_path: Path, prepare: 
     )
     assert result.returncode == 1
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_segmented_download_resumes_every_segment_after_kill_9(tmp_path: Path, origin: Origin) -> None:
+    data = blob(4 << 20, 9)
+    url = origin.add_file("segkill.bin", data)
+    origin.faults.throttle_bps = 1 << 20
+    config = {"downloads": {"connections": 4, "segment_min_bytes": 1 << 20}}
+    server = ServerProcess(tmp_path, config=config)
+    server.start()
+    try:
+        create(server, "segkill", url)
+        # Progress is checkpointed at the first write and every second after: the saved
+        # segment table has moved past the segment starts by now.
+        wait_for(server, "segkill", lambda b: b["progress"]["downloaded_bytes"] > 1_600_000)
+        server.kill()
+        origin.requests.clear()
+        origin.faults.throttle_bps = None
+        server.start()
+        done = wait_for(server, "segkill", lambda b: b["status"] == "completed")
+    finally:
+        server.stop()
+    assert Path(done["local_path"]).read_bytes() == data
+    ranges = [r.headers["range"] for r in origin.requests_for("segkill.bin") if r.method == "GET"]
+    assert len(ranges) == 4  # every segment continued on its own connection
+    step = len(data) // 4
+    starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges)
+    assert any(start % step for start in starts)  # ...from where it had got to, not its start
