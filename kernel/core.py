@@ -61,6 +61,8 @@ class Kernel:
         self._downloads: DownloadManager | None = None
         self._lock = StateLock(self.settings.storage.state_dir)
         self._lag_watch: asyncio.Task[None] | None = None
+        # The downloads settings as the file and env give them, for DELETE /v1/settings.
+        self._configured_downloads = msgspec.to_builtins(self.settings.downloads)
         self.started = False
 
     @property
@@ -121,7 +123,7 @@ class Kernel:
     async def _load_runtime_settings(self) -> None:
         """Settings changed through the API outlive a restart: they win over the file."""
         raw = await self.store.get_meta(RUNTIME_SETTINGS_KEY)
-        if raw is None:
+        if not raw:  # never changed, or reset
             return
         try:
             saved = msgspec.json.decode(raw, type=DownloadSettings)
@@ -157,6 +159,15 @@ class Kernel:
             raise InvalidRequest(f"Invalid settings: {exc}", param=_param_of(exc)) from exc
         await self.downloads.apply_settings(new)
         await self.store.put_meta(RUNTIME_SETTINGS_KEY, msgspec.json.encode(new))
+        return self.settings.downloads
+
+    async def reset_download_settings(self) -> DownloadSettings:
+        """Forget the run-time changes: back to the config file's (and env's) values, now
+        and after a restart."""
+        configured = msgspec.convert(self._configured_downloads, DownloadSettings)
+        await self.downloads.apply_settings(configured)
+        await self.store.put_meta(RUNTIME_SETTINGS_KEY, b"")
+        log.info("settings.reset")
         return self.settings.downloads
 
     async def _boot_model(self, entry: ModelEntry) -> None:

@@ -119,6 +119,11 @@ async def test_patching_max_concurrent_starts_queued_downloads_and_survives_rest
     async with app_client(tmp_path, max_concurrent=1) as client:
         settings = (await client.get("/v1/settings")).json()["downloads"]
         assert settings["max_concurrent"] == 3
+        reset = await client.delete("/v1/settings")
+        assert reset.status_code == 200 and reset.json()["downloads"]["max_concurrent"] == 1
+    async with app_client(tmp_path, max_concurrent=1) as client:
+        settings = (await client.get("/v1/settings")).json()["downloads"]
+        assert settings["max_concurrent"] == 1  # the reset outlives a restart too
 
 
 async def test_metrics_count_a_completed_download_and_parse(client: Any, origin: Origin) -> None:

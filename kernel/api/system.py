@@ -7,7 +7,7 @@ import os
 import shutil
 from typing import Annotated, Any, TypeAlias
 
-from litestar import Controller, Response, get, patch
+from litestar import Controller, Response, delete, get, patch
 from litestar.enums import RequestEncodingType
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Reference
@@ -110,3 +110,12 @@ class SettingsController(Controller):
         if not isinstance(section, dict):
             raise InvalidRequest("downloads must be an object.", param="downloads")
         return RuntimeSettings(downloads=await kernel.update_download_settings(section))
+
+    @delete(
+        "/",
+        status_code=200,
+        summary="Forget run-time changes: back to the config file's values (persisted)",
+        responses=error_responses(),
+    )
+    async def reset_settings(self, kernel: KernelDep) -> RuntimeSettings:
+        return RuntimeSettings(downloads=await kernel.reset_download_settings())
