@@ -368,6 +368,18 @@ def _download_case(
     return samples, problems
 
 
+# aria2c options shared by the cases: no preallocation, overwrite, quiet.
+ARIA_COMMON = [
+    "--file-allocation=none",
+    "--allow-overwrite=true",
+    "--auto-file-renaming=false",
+    "--console-log-level=warn",
+    "--summary-interval=0",
+    "--download-result=hide",
+    "-q",
+]
+
+
 def case1(ctx: Ctx, deadline: Deadline) -> CaseResult:
     res = CaseResult("1. single download")
     name = "big.bin"
@@ -375,16 +387,7 @@ def case1(ctx: Ctx, deadline: Deadline) -> CaseResult:
     url = ctx.origin.url(name)
     out_dir = ctx.workdir / "tools-c1"
     out_dir.mkdir(exist_ok=True)
-    aria_common = [
-        "--file-allocation=none",
-        "--allow-overwrite=true",
-        "--auto-file-renaming=false",
-        "--console-log-level=warn",
-        "--summary-interval=0",
-        "--download-result=hide",
-        "--check-integrity=false",
-        "-q",
-    ]
+    aria_common = [*ARIA_COMMON, "--check-integrity=false"]
     tools = {
         "curl": (["curl", "-s", "-o", str(out_dir / "curl.bin"), url], out_dir / "curl.bin", False),
         "curl+fsync": (
@@ -491,15 +494,7 @@ def case2(ctx: Ctx, deadline: Deadline) -> CaseResult:
     url = ctx.origin.limited_url(name)
     out_dir = ctx.workdir / "tools-c2"
     out_dir.mkdir(exist_ok=True)
-    aria_common = [
-        "--file-allocation=none",
-        "--allow-overwrite=true",
-        "--auto-file-renaming=false",
-        "--console-log-level=warn",
-        "--summary-interval=0",
-        "--download-result=hide",
-        "-q",
-    ]
+    aria_common = ARIA_COMMON
     tools = {
         "curl": (
             [ctx.tools["curl"], "-s", "-o", str(out_dir / "curl.bin"), url],
