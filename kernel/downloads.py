@@ -314,26 +314,28 @@ class DownloadManager:
 
     async def set_priority(self, model_id: str, priority: int) -> DownloadRecord:
         """Reorder: a queued download with a higher priority starts first."""
-        async with self._locks[model_id]:
-            rec = self.get(model_id)
-            if rec.status in TERMINAL:
-                raise InvalidState(model_id, "reprioritise", rec.status)
-            rec.priority = priority
-            self._persist(rec)
-            log.info("download.priority", model_id=model_id, priority=priority)
-            return rec
+        return await self._change(model_id, "reprioritise", "download.priority", priority=priority)
 
     async def set_limit(self, model_id: str, max_bytes_per_second: int) -> DownloadRecord:
         """Cap one download's bandwidth (0 = unlimited); a running transfer obeys at once."""
         if max_bytes_per_second < 0:
             raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        return await self._change(
+            model_id, "limit", "download.limit", max_bytes_per_second=max_bytes_per_second
+        )
+
+    async def _change(
+        self, model_id: str, action: str, event: str, **fields: int
+    ) -> DownloadRecord:
+        """Set fields of a download that has not ended, save it, and log ``event``."""
         async with self._locks[model_id]:
             rec = self.get(model_id)
             if rec.status in TERMINAL:
-                raise InvalidState(model_id, "limit", rec.status)
-            rec.max_bytes_per_second = max_bytes_per_second
+                raise InvalidState(model_id, action, rec.status)
+            for name, value in fields.items():
+                setattr(rec, name, value)
             self._persist(rec)
-            log.info("download.limit", model_id=model_id, max_bytes_per_second=max_bytes_per_second)
+            log.info(event, model_id=model_id, **fields)
             return rec
 
     async def apply_settings(self, downloads: DownloadSettings) -> None:
