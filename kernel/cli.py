@@ -2,11 +2,12 @@
 
 ``serve`` runs the server on a config file (or the embedded defaults). The other commands talk
 to a running server over HTTP (``--server URL`` or MODELKERNEL_SERVER, ``--api-key K`` or
-MODELKERNEL_API_KEY): ``pull``, ``ls``, ``show``, ``pause``, ``resume``, ``cancel``.
+MODELKERNEL_API_KEY): ``pull``, ``ls``, ``show``, ``pause``, ``resume``, ``cancel``, ``rm``,
+``models``.
 
 Exit codes: 0 ok, 1 the API answered with an error (its message goes to stderr), 2 usage,
-3 cannot connect to the server, 4 the download ended failed or cancelled (``pull --wait``),
-130 interrupted.
+3 cannot connect to the server, 4 the download ended failed or cancelled (``pull`` without
+``--detach``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -26,12 +28,13 @@ from kernel import __version__
 from kernel.config import ConfigError, Settings, load_settings
 from kernel.errors import KernelError
 from kernel.log import configure_logging
+from kernel.validation import MODEL_ID
 
 if TYPE_CHECKING:
     from kernel.api.schemas import Download
     from kernel.client import Client
 
-__all__ = ["main"]
+__all__ = ["main", "model_id_from_ref"]
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_CONNECT, EXIT_ENDED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="modelkernel",
         description="Run a modelkernel server, or start, watch and control its downloads.",
         epilog="Exit codes: 0 ok, 1 API error, 2 usage, 3 cannot connect, "
-        "4 download failed or cancelled (pull --wait), 130 interrupted.",
+        "4 download failed or cancelled (pull), 130 interrupted.",
         parents=[_common(suppress=False)],
     )
     parser.add_argument("--version", action="version", version=f"modelkernel {__version__}")
@@ -80,12 +83,20 @@ def _common(*, suppress: bool) -> argparse.ArgumentParser:
 
 
 def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
-    pull = commands.add_parser("pull", parents=[common], help="start a download")
-    pull.add_argument("ref", metavar="REF", help="http(s)://..., hf://owner/repo/file.gguf[@rev]")
-    pull.add_argument("--id", required=True, dest="model_id", help="the model id to store it as")
-    pull.add_argument(
-        "--wait", action="store_true", help="follow it with a progress bar until it ends"
+    pull = commands.add_parser(
+        "pull", parents=[common], help="start a download and follow it until it ends"
     )
+    pull.add_argument("ref", metavar="REF", help="http(s)://..., hf://owner/repo/file.gguf[@rev]")
+    pull.add_argument(
+        "--id",
+        dest="model_id",
+        help="the model id to store it as (default: derived from REF, see `modelkernel pull -h`)",
+    )
+    follow = pull.add_mutually_exclusive_group()
+    follow.add_argument(
+        "--detach", action="store_true", help="return once the server has accepted it"
+    )
+    follow.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default now
     pull.add_argument("--sha256", help="expected SHA-256 of the file")
     pull.add_argument("--filename", help="file name under the models directory")
     pull.add_argument("--type", dest="model_type", choices=["llm", "embedding"], help="model type")
@@ -101,6 +112,12 @@ def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a download (or --all)")
     cancel.add_argument("model_id", metavar="ID", nargs="?")
     cancel.add_argument("--all", action="store_true", help="cancel every active download")
+    rm = commands.add_parser(
+        "rm", parents=[common], help="forget a download and delete its file (cancels it first)"
+    )
+    rm.add_argument("model_id", metavar="ID")
+    rm.add_argument("--keep-file", action="store_true", help="forget the record, keep the file")
+    commands.add_parser("models", parents=[common], help="list the models with engines")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -195,7 +212,7 @@ def run_client_command(args: argparse.Namespace) -> int:
 
     commands: dict[str, Callable[[Client, argparse.Namespace], int]] = {
         "pull": _pull, "ls": _ls, "show": _show, "pause": _pause, "resume": _resume,
-        "cancel": _cancel,
+        "cancel": _cancel, "rm": _rm, "models": _models,
     }  # fmt: skip
     try:
         with _client(args) as client:
@@ -211,26 +228,72 @@ def run_client_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def model_id_from_ref(ref: str) -> str | None:
+    """The model id ``pull`` uses when ``--id`` is absent, or None when none can be made.
+
+    The last path component of the reference (an ``hf://`` revision, a URL's query and
+    fragment dropped), or the repository name when that component is a pattern; then the
+    file extension and a shard suffix (``-00001-of-00003``) removed, lower-cased, every run
+    of characters a model id cannot hold turned into one ``-``, cut to 128 characters.
+    ``hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf`` gives
+    ``qwen2.5-0.5b-instruct-q4_k_m``.
+    """
+    path = ref.split("://", 1)[-1].split("#", 1)[0].split("?", 1)[0]
+    if ref.startswith("hf://"):
+        path = path.split("@", 1)[0]
+    parts = [p for p in path.split("/") if p]
+    if ref.startswith(("http://", "https://")):
+        parts = parts[1:]  # the host is not a name
+    while parts and _GLOB.search(parts[-1]):
+        parts.pop()  # a pattern names no one file: fall back to the repository
+    if not parts:
+        return None
+    name = parts[-1]
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and ext.isalnum() and len(ext) <= 12:
+        name = stem
+    name = _SHARD.sub("", name).lower()
+    name = re.sub(r"[^a-z0-9._+-]+", "-", name).lstrip("._+-")[:128].rstrip("-")
+    return name if MODEL_ID.fullmatch(name) else None
+
+
 def _pull(client: Client, args: argparse.Namespace) -> int:
     from kernel.client import ApiError
 
+    model_id = args.model_id or model_id_from_ref(args.ref)
+    if model_id is None:
+        _err(f"cannot make a model id from {args.ref!r}: pass --id ID")
+        return EXIT_USAGE
+    if not args.model_id:
+        clash = _taken_by_another(client, model_id, args.ref)
+        if clash is not None:
+            _err(
+                f"the model id {model_id!r} (derived from REF) is already used by {clash}; "
+                "choose another with --id ID"
+            )
+            return EXIT_API
+    wait = not args.detach
     opts = {"sha256": args.sha256, "filename": args.filename, "model_type": args.model_type}
     try:
-        created = client.create(args.model_id, args.ref, **opts)
+        created = client.create(model_id, args.ref, **opts)
     except ApiError as exc:
-        if not (args.wait and exc.code == "download_exists"):
+        if not (wait and exc.code == "download_exists"):
             raise
-        _err(f"{args.model_id} is already downloading; following it")
+        _err(f"{model_id} is already downloading; following it")
     else:
-        if not args.wait:
+        if not wait:
             _out(f"{created.model_id}: {created.status} -> {created.local_path}")
             return EXIT_OK
     try:
-        final = _follow(client, args.model_id)
+        final = _follow(client, model_id)
     except KeyboardInterrupt:
         _err(
-            f"stopped following; {args.model_id} goes on on the server "
-            f"(modelkernel cancel {args.model_id} stops it)"
+            f"stopped following; {model_id} goes on on the server "
+            f"(modelkernel cancel {model_id} stops it)"
         )
         return EXIT_INTERRUPTED
     if final.status == "completed":
@@ -239,6 +302,20 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
     reason = final.error_message if isinstance(final.error_message, str) else final.status
     _err(f"{final.model_id} {final.status}: {reason}")
     return EXIT_ENDED
+
+
+def _taken_by_another(client: Client, model_id: str, ref: str) -> str | None:
+    """The URL of another file already stored under ``model_id``, or None when the id is
+    free or holds this same reference (then pulling again resumes or re-checks it)."""
+    from kernel.client import ApiError
+
+    try:
+        existing = client.get(model_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return None if existing.url == ref else existing.url
 
 
 def _follow(client: Client, model_id: str) -> Download:
@@ -354,6 +431,28 @@ def _cancel(client: Client, args: argparse.Namespace) -> int:
     for failed in bulk.failed_cancellations:
         _err(f"could not cancel {failed.model_id} ({failed.status}): {failed.reason}")
     return EXIT_OK if not bulk.failed_cancellations else EXIT_API
+
+
+def _rm(client: Client, args: argparse.Namespace) -> int:
+    result = client.purge(args.model_id, delete_file=not args.keep_file)
+    if result.file_deleted:
+        _out(f"Removed {args.model_id} and its file")
+    else:
+        _out(f"Removed {args.model_id} (no file deleted)")
+    return EXIT_OK
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    models = client.models()
+    if not models:
+        _out("No models.")
+        return EXIT_OK
+    rows = [("MODEL ID", "STATUS", "TYPE", "ENGINE", "PATH")]
+    rows += [(m.model_id, m.status, m.model_type, m.inference_engine, m.model_path) for m in models]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
 
 
 def _size(n: float) -> str:

@@ -17,6 +17,7 @@ Every failure is an ``ApiError``: an HTTP error carries the status and the API's
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "EngineInfo",
+    "ModelInfo",
     "StreamEvent",
 ]
 
@@ -112,6 +114,21 @@ class EngineInfo(msgspec.Struct, kw_only=True):
     model_id: str
     model_type: str
     inference_engine: str
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    """One model of ``GET /v1/models`` (the fields the client shows; others are ignored)."""
+
+    model_id: str
+    status: str
+    available: bool
+    model_type: str
+    inference_engine: str
+    model_path: str
+
+
+class _ModelList(msgspec.Struct, kw_only=True):
+    models: list[ModelInfo]
 
 
 class StreamEvent(msgspec.Struct, kw_only=True):
@@ -289,6 +306,10 @@ class Client:
         params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
         return self._call("DELETE", _path(model_id), PurgeResult, params=params)
 
+    def models(self) -> builtins.list[ModelInfo]:
+        """The models the server has engines for (or is downloading for one)."""
+        return self._call("GET", "/v1/models", _ModelList).models
+
     def set_priority(self, model_id: str, priority: int) -> Download:
         return self._call(
             "POST", _path(model_id) + "/priority", Download, json={"priority": priority}
@@ -458,6 +479,9 @@ class AsyncClient:
     async def purge(self, model_id: str, delete_file: bool = False) -> PurgeResult:
         params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
         return await self._call("DELETE", _path(model_id), PurgeResult, params=params)
+
+    async def models(self) -> builtins.list[ModelInfo]:
+        return (await self._call("GET", "/v1/models", _ModelList)).models
 
     async def set_priority(self, model_id: str, priority: int) -> Download:
         return await self._call(

@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from kernel.api.app import create_app
-from kernel.cli import main
+from kernel.cli import main, model_id_from_ref
 from kernel.config import AuthSettings, Settings
 from kernel.core import Kernel
 from tests.conftest import make_settings
@@ -97,7 +97,12 @@ async def test_ls_show_pause_resume_and_cancel_change_server_state(
     http = httpx.AsyncClient(base_url=server.url, timeout=5)
     origin.faults.throttle_bps = 100_000
     for name in ("alpha", "beta"):
-        assert await cli("pull", origin.add_file(f"{name}.bin", b"x" * 500_000), "--id", name) == 0
+        assert (
+            await cli(
+                "pull", origin.add_file(f"{name}.bin", b"x" * 500_000), "--id", name, "--detach"
+            )
+            == 0
+        )
         await wait_status(http, name, "downloading")
     assert re.match(r"alpha: (queued|downloading) -> .*alpha\.bin$", capsys.readouterr().out, re.M)
 
@@ -147,7 +152,7 @@ async def test_api_errors_exit_1_with_the_message_and_usage_errors_exit_2(
     assert await cli("--server", server.url, "pause", "ghost") == 1
     assert capsys.readouterr().err == "modelkernel: No download found for model ID: ghost\n"
     assert await cli("--server", server.url, "cancel") == 2  # an ID or --all
-    assert await cli("pull", "http://x/y") == 2  # --id is required
+    assert await cli("pull", "https://example.com/") == 2  # no id can be derived from it
     assert await cli("--server", f"http://127.0.0.1:{free_port()}", "ls") == 3
     assert "Cannot connect to" in capsys.readouterr().err
 
@@ -176,3 +181,99 @@ async def test_a_wrong_key_exits_nonzero_with_the_api_message(tmp_path: Path) ->
         assert out == b""
         assert await cli("--server", secured.url, "--api-key", "right", "ls") == 0
         assert await cli("ls", "--server", secured.url, "--api-key", "right") == 0  # after, too
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        (
+            "hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf",
+            "qwen2.5-0.5b-instruct-q4_k_m",
+        ),
+        ("hf://owner/repo/sub/dir/Model-Q8_0.gguf@v1.0", "model-q8_0"),
+        ("hf://owner/Big-GGUF/big-q4-00001-of-00003.gguf", "big-q4"),
+        ("hf://owner/Big-GGUF/*Q4_K_M*.gguf", "big-gguf"),
+        ("hf://owner/Some Repo", "some-repo"),
+        ("https://cdn.example.com/files/Tiny%20Model.GGUF?token=abc#frag", "tiny-20model"),
+        ("https://example.com/models/llama.v2.bin", "llama.v2"),
+        ("https://example.com/", None),
+        ("https://example.com/___", None),
+        ("hf://owner/repo/???", "repo"),
+    ],
+)
+def test_model_id_from_ref_follows_the_documented_rule(ref: str, expected: str | None) -> None:
+    assert model_id_from_ref(ref) == expected
+
+
+async def test_pull_without_id_derives_it_and_waits_by_default(
+    server: AppServer, origin: Origin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = b"d" * 200_000
+    url = origin.add_file("Derived-Model.Q4_K_M.bin", data)
+    assert await cli("--server", server.url, "pull", url) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("derived-model.q4_k_m: completed -> ")
+    assert Path(out.strip().rsplit(" -> ", 1)[1]).read_bytes() == data
+
+
+async def test_pull_reports_a_derived_id_that_names_another_file(
+    server: AppServer, origin: Origin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = origin.add_file("a/same.bin", b"1" * 1000)
+    second = origin.add_file("b/same.bin", b"2" * 1000)
+    assert await cli("--server", server.url, "pull", first) == 0
+    capsys.readouterr()
+    assert await cli("--server", server.url, "pull", second, "--detach") == 1
+    err = capsys.readouterr().err
+    assert f"the model id 'same' (derived from REF) is already used by {first}" in err
+    assert "--id" in err
+    # The same reference again is no clash: it is pulled (checked) again under its id.
+    assert await cli("--server", server.url, "pull", first) == 0
+    assert capsys.readouterr().out.startswith("same: completed -> ")
+
+
+async def test_pull_detach_returns_before_the_download_ends(
+    server: AppServer, origin: Origin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    origin.faults.throttle_bps = 100_000
+    url = origin.add_file("slow-detach.bin", b"s" * 2_000_000)
+    assert await cli("--server", server.url, "pull", url, "--detach") == 0
+    assert re.match(r"slow-detach: (queued|downloading) -> ", capsys.readouterr().out)
+    assert await cli("--server", server.url, "cancel", "slow-detach") == 0
+
+
+async def test_rm_forgets_the_download_and_deletes_its_file(
+    server: AppServer, origin: Origin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = origin.add_file("gone.bin", b"g" * 5000)
+    assert await cli("--server", server.url, "pull", url, "--id", "gone") == 0
+    path = Path(capsys.readouterr().out.strip().rsplit(" -> ", 1)[1])
+    assert path.exists()
+    assert await cli("--server", server.url, "rm", "gone") == 0
+    assert capsys.readouterr().out == "Removed gone and its file\n"
+    assert not path.exists()
+    assert await cli("--server", server.url, "show", "gone") == 1
+    assert await cli("--server", server.url, "rm", "gone") == 1
+
+
+async def test_models_lists_what_the_server_has_models_for(
+    tmp_path: Path, origin: Origin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with AppServer(create_app(Kernel(make_settings(tmp_path)))) as full:
+        assert await cli("--server", full.url, "models") == 0
+        assert capsys.readouterr().out == "No models.\n"
+        origin.faults.throttle_bps = 50_000
+        url = origin.add_file("listed.gguf", b"GGUF" + b"\0" * 500_000)
+        async with httpx.AsyncClient(base_url=full.url, timeout=5) as http:
+            added = await http.post(
+                "/v1/models", json={"model_id": "listed", "model_path": url, "model_type": "llm"}
+            )
+            assert added.status_code == 202, added.text
+            assert await cli("--server", full.url, "models") == 0
+            table = capsys.readouterr().out.splitlines()
+            assert table[0].split() == ["MODEL", "ID", "STATUS", "TYPE", "ENGINE", "PATH"]
+            row = table[1].split()
+            assert row[0] == "listed"
+            assert row[1] in ("queued", "downloading")
+            assert row[2] == "llm"
+            await http.delete("/v1/models/listed")
