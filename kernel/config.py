@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -21,19 +21,23 @@ from kernel.errors import KernelError
 __all__ = [
     "MAX_RATE",
     "AuthSettings",
+    "CacheSettings",
     "ConfigError",
     "CorsSettings",
     "DownloadSettings",
+    "FleetSettings",
     "HubSettings",
     "ModelEntry",
     "PluginSettings",
     "Rate",
     "RateLimitSettings",
     "RetrySettings",
+    "S3CacheSettings",
     "ServerSettings",
     "Settings",
     "SourcesSettings",
     "StorageSettings",
+    "StoreSettings",
     "load_settings",
 ]
 
@@ -121,6 +125,41 @@ class ModelEntry(_Section):
     load_params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class StoreSettings(_Section):
+    """Where download records live: ``sqlite`` (embedded, the default) or ``postgres`` (shared
+    by a fleet; needs the ``[fleet]`` extra). The DSN may also come from ``MODELKERNEL_STORE_DSN``;
+    libpq's own variables (``PGPASSWORD``, ``PGSSLMODE``...) apply as usual."""
+
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str | None = None
+
+
+class FleetSettings(_Section):
+    """This node in a fleet (used only with ``store.kind: postgres``)."""
+
+    node_id: str | None = None  # None: the host name
+    api_url: str | None = None  # how other nodes and operators reach this node (shown only)
+    lease_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
+    poll_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+
+
+class S3CacheSettings(_Section):
+    """An S3-compatible bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS) as the fleet's cache."""
+
+    endpoint: str  # https://s3.eu-west-1.amazonaws.com, http://minio:9000 ...
+    bucket: str
+    region: str = "us-east-1"
+    prefix: str = "modelkernel/"
+    access_key_env: str = "AWS_ACCESS_KEY_ID"  # names of env vars, never the keys themselves
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name)
+    part_size: Annotated[int, msgspec.Meta(ge=5 << 20, le=5 << 30)] = 16 << 20
+
+
+class CacheSettings(_Section):
+    s3: S3CacheSettings | None = None
+
+
 class Settings(_Section):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -130,6 +169,9 @@ class Settings(_Section):
     sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
     models: list[ModelEntry] = msgspec.field(default_factory=list)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -297,8 +297,8 @@ class Transfer:
                 self.transferred += n
                 self.on_bytes(n)
                 if inflight is not None:
-                    await part.complete(*inflight)
-                    inflight = None
+                    pending, inflight = inflight, None  # completed once, even if cancelled
+                    await part.complete(*pending)
                     rec.downloaded_bytes = part.pos
                     self.on_progress(rec)
                 inflight = (part.submit(view[:n]), n)
@@ -325,8 +325,9 @@ class Transfer:
                     )
                 if len(buffer) >= WRITE_BLOCK or time.monotonic() - flushed_at >= FLUSH_S:
                     self.on_bytes(len(buffer))
-                    await part.write(bytes(buffer))
-                    buffer.clear()
+                    block = bytes(buffer)
+                    buffer.clear()  # before the write: a cancelled write lands, never twice
+                    await part.write(block)
                     flushed_at = time.monotonic()
                     rec.downloaded_bytes = part.pos
                     self.on_progress(rec)
@@ -334,7 +335,7 @@ class Transfer:
             if buffer:  # keep every byte received: a resume continues after them
                 self.on_bytes(len(buffer))
                 await part.write(bytes(buffer))
-                rec.downloaded_bytes = part.pos
+            rec.downloaded_bytes = part.pos
             raise
         if buffer:
             self.on_bytes(len(buffer))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 import time
 import urllib.parse
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -19,7 +21,7 @@ from kernel.config import Settings
 if TYPE_CHECKING:
     from kernel.metrics import Metrics
 
-__all__ = ["EXEMPT_PATHS", "Edge", "RateLimiter"]
+__all__ = ["EXEMPT_PATHS", "Edge", "RateLimiter", "bad_id_segment", "is_slashed_collection"]
 
 EXEMPT_PATHS = frozenset({"/health"})
 # The dashboard page and its files load without a key (the page asks for one itself), and
@@ -32,6 +34,9 @@ ALLOW_METHODS = b"GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = b"Content-Type, Authorization, X-API-Key"
 
 Scope = dict[str, Any]
+
+# The part of a raw (still percent-encoded) path after the downloads prefix.
+_DOWNLOADS_REST = re.compile(rb"^/(?:v1/)?downloads/(.*)$")
 
 
 class Edge:
@@ -123,6 +128,16 @@ class Edge:
                 [*cors, (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
             )
             return
+        if bad_id_segment(scope):
+            body = _error_body(
+                "Cannot extract model ID from request path: the id segment is empty or "
+                "holds an encoded '/'.",
+                "invalid_request_error",
+                "invalid_path_format",
+                param="path",
+            )
+            await _send(send, 400, body, [*cors, (b"content-type", b"application/json")])
+            return
 
         started = time.perf_counter()
         status = 500
@@ -166,9 +181,35 @@ class RateLimiter:
         return None
 
 
-def _error_body(message: str, type_: str, code: str) -> bytes:
+def bad_id_segment(scope: Scope) -> bool:
+    """Whether a path under /downloads has an empty id segment or one with an encoded '/'.
+
+    Judged on the raw path, before routing: the router would fold ``DELETE /v1/downloads/``
+    and ``POST /v1/downloads//cancel`` into the bulk cancel, and decode ``a%2Fb`` into two
+    segments. ``GET`` and ``POST`` on ``/v1/downloads/`` stay the list and the create (a
+    ``cancel_all`` body there is refused by the create handler).
+    """
+    raw = bytes(scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
+    match = _DOWNLOADS_REST.match(raw)
+    if match is None:
+        return False
+    rest = match.group(1)
+    if rest == b"":
+        return scope["method"] not in ("GET", "HEAD", "POST")
+    segment = rest.split(b"/", 1)[0]
+    return segment == b"" or b"%2f" in segment.lower()
+
+
+def is_slashed_collection(scope: Mapping[str, Any]) -> bool:
+    """Whether the raw path is the downloads collection with a trailing slash."""
+    raw = bytes(scope.get("raw_path") or scope["path"].encode()).partition(b"?")[0]
+    match = _DOWNLOADS_REST.match(raw)
+    return match is not None and match.group(1) == b""
+
+
+def _error_body(message: str, type_: str, code: str, *, param: str | None = None) -> bytes:
     return msgspec.json.encode(
-        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
 
 
