@@ -55,6 +55,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    # Host header names accepted besides loopback ones while bound to loopback (DNS rebinding);
+    # ".example.com" also matches its subdomains, "*" turns the check off.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
 
 
 class StorageSettings(_Section):
