@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
-from kernel.config import DownloadSettings, Settings
+from kernel._saves import RecordWriter
+from kernel.config import MAX_RATE, DownloadSettings, Settings
 from kernel.errors import (
     DownloadExists,
     DownloadNotFound,
@@ -112,11 +113,12 @@ class DownloadManager:
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
-        self._saves: set[asyncio.Task[None]] = set()
+        self.writer = RecordWriter(store)  # saves in order; replies wait for durability
         self._last_progress: dict[str, float] = {}
         self._last_checkpoint: dict[str, float] = {}
         self._seq = 0
         self._stopping = False
+        self._held = 0  # > 0 while a bulk cancel runs: nothing new starts
         # The API layer's encoded views of ended downloads (they never change), by model id.
         self.view_cache: dict[str, tuple[object, msgspec.Raw]] = {}
         self.bucket = TokenBucket(lambda: self.settings.downloads.max_bytes_per_second)
@@ -144,7 +146,8 @@ class DownloadManager:
         for rec in list(self.records.values()):
             if rec.status in TERMINAL and (rec.end_time or rec.created_at) < cutoff:
                 del self.records[rec.model_id]
-                await self.store.delete(rec.model_id)
+                self.writer.delete(rec.model_id)
+                await self.writer.wait(rec.model_id)
                 log.info("download.pruned", model_id=rec.model_id, status=rec.status)
 
     def _report_orphan_parts(self) -> None:
@@ -168,8 +171,8 @@ class DownloadManager:
         await self.flush()
 
     async def flush(self) -> None:
-        while self._saves:
-            await asyncio.wait(list(self._saves))
+        """Wait until every save asked for so far has reached the store."""
+        await self.writer.drain()
 
     # --- queries -------------------------------------------------------------------------
 
@@ -216,8 +219,7 @@ class DownloadManager:
         validate_url(url)
         if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise InvalidRequest("sha256 must be 64 hexadecimal characters.", param="sha256")
-        if max_bytes_per_second < 0:
-            raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        _check_rate(max_bytes_per_second)
         if include is not None and (
             not include or any(not p or len(p) > 1024 for p in include) or len(include) > 100
         ):
@@ -286,6 +288,7 @@ class DownloadManager:
             self.bus.publish(DownloadCreated(_snapshot(rec)))
             log.info("download.created", model_id=model_id, url=url, path=rec.local_path)
             self._schedule()
+            await self.writer.wait(model_id)  # the reply promises a durable download
             return rec
 
     async def _adopt_or_drop_part(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
@@ -295,16 +298,13 @@ class DownloadManager:
         if rec.files is not None or (old is not None and old.files is not None):
             await self._adopt_or_drop_parts(rec, old)
             return
-        if (
-            old is not None
-            and old.url == rec.url
-            and old.local_path == rec.local_path
-            and old.validator
-        ):
-            rec.validator = old.validator
-            rec.total_bytes = old.total_bytes
-            rec.segments = old.segments
-            return
+        if old is not None and old.url == rec.url and old.local_path == rec.local_path:
+            rec.file_validator = old.file_validator  # what the final file, if any, is
+            if old.validator:
+                rec.validator = old.validator
+                rec.total_bytes = old.total_bytes
+                rec.segments = old.segments
+                return
         if await asyncio.to_thread(_remove, rec.part_path):
             log.info("download.stale_part_removed", path=rec.part_path)
 
@@ -320,10 +320,12 @@ class DownloadManager:
             kept = {f.local_path: f for f in old.files}
         for f in rec.files:
             before = kept.get(f.local_path)
-            if before is not None and before.url == f.url and before.validator:
-                f.validator, f.segments = before.validator, before.segments
-                f.size = before.size or f.size
-                continue
+            if before is not None and before.url == f.url:
+                f.file_validator = before.file_validator  # what the final file, if any, is
+                if before.validator:
+                    f.validator, f.segments = before.validator, before.segments
+                    f.size = before.size or f.size
+                    continue
             if await asyncio.to_thread(_remove, f.part_path):
                 log.info("download.stale_part_removed", path=f.part_path)
 
@@ -354,7 +356,7 @@ class DownloadManager:
         ``delete_file`` also remove its completed file. Returns (record, file_deleted)."""
         rec = self.get(model_id)
         if rec.status not in TERMINAL:
-            await self.cancel(model_id)
+            await self._cancel(model_id)
         async with self._locks[model_id]:
             rec = self.get(model_id)
             deleted = False
@@ -365,7 +367,8 @@ class DownloadManager:
                     await asyncio.to_thread(_remove, path)
             del self.records[model_id]
             self.view_cache.pop(model_id, None)
-            await self.store.delete(model_id)
+            self.writer.delete(model_id)  # after every save queued for it, never before
+            await self.writer.wait(model_id)
             log.info("download.purged", model_id=model_id, file_deleted=deleted)
             return rec, deleted
 
@@ -375,8 +378,7 @@ class DownloadManager:
 
     async def set_limit(self, model_id: str, max_bytes_per_second: int) -> DownloadRecord:
         """Cap one download's bandwidth (0 = unlimited); a running transfer obeys at once."""
-        if max_bytes_per_second < 0:
-            raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        _check_rate(max_bytes_per_second)
         return await self._change(
             model_id, "limit", "download.limit", max_bytes_per_second=max_bytes_per_second
         )
@@ -393,6 +395,7 @@ class DownloadManager:
                 setattr(rec, name, value)
             self._persist(rec)
             log.info(event, model_id=model_id, **fields)
+            await self.writer.wait(model_id)
             return rec
 
     async def apply_settings(self, downloads: DownloadSettings) -> None:
@@ -424,6 +427,7 @@ class DownloadManager:
                 raise InvalidState(model_id, "pause", rec.status)
             self._set_status(rec, "paused")
             self._schedule()
+            await self.writer.wait(model_id)
             return rec
 
     async def resume(self, model_id: str) -> DownloadRecord:
@@ -435,10 +439,16 @@ class DownloadManager:
             rec.last_error = None
             self._set_status(rec, "queued")
             self._schedule()
+            await self.writer.wait(model_id)
             return rec
 
     async def cancel(self, model_id: str) -> tuple[DownloadRecord, str]:
         """Cancel one download; returns the record and the status it had."""
+        result = await self._cancel(model_id)
+        await self.writer.wait(model_id)
+        return result
+
+    async def _cancel(self, model_id: str) -> tuple[DownloadRecord, str]:
         async with self._locks[model_id]:
             rec = self.get(model_id)
             if rec.status in TERMINAL:
@@ -458,14 +468,22 @@ class DownloadManager:
         self,
     ) -> tuple[builtins.list[tuple[DownloadRecord, str]], builtins.list[tuple[str, str, str]]]:
         """Cancel every non-terminal download. Returns (cancelled, failed) where failed rows
-        are (model_id, status, reason)."""
+        are (model_id, status, reason). The queue is held meanwhile: a slot freed by one
+        cancellation never starts a download that is about to be cancelled too."""
         cancelled: list[tuple[DownloadRecord, str]] = []
         failed: list[tuple[str, str, str]] = []
-        for rec in self.list():
-            try:
-                cancelled.append(await self.cancel(rec.model_id))
-            except KernelError as exc:
-                failed.append((rec.model_id, rec.status, exc.message))
+        self._held += 1
+        try:
+            for rec in self.list():
+                try:
+                    cancelled.append(await self._cancel(rec.model_id))
+                except KernelError as exc:
+                    failed.append((rec.model_id, rec.status, exc.message))
+        finally:
+            self._held -= 1
+        self._schedule()  # what was created meanwhile
+        for rec, _ in cancelled:  # durable before the reply; written together, not one by one
+            await self.writer.wait(rec.model_id)
         return cancelled, failed
 
     # --- scheduling and tasks --------------------------------------------------------------
@@ -475,7 +493,7 @@ class DownloadManager:
         return sum(1 for phase in self._phase.values() if phase in ("transfer", "finalizing"))
 
     def _schedule(self) -> None:
-        if self._stopping:
+        if self._stopping or self._held:
             return
         free = self.settings.downloads.max_concurrent - self.running()
         for rec in self.queue()[: max(free, 0)]:
@@ -628,16 +646,16 @@ class DownloadManager:
             self.metrics.retries.labels(reason=reason).inc()
 
     def _persist(self, rec: DownloadRecord) -> None:
-        """Save ``rec`` in the background; saves reach the store in call order."""
-        task = asyncio.ensure_future(self._save(_snapshot(rec)))
-        self._saves.add(task)
-        task.add_done_callback(self._saves.discard)
+        """Save ``rec`` as it is now, in the background; ``writer.wait`` awaits it."""
+        self.writer.save(_snapshot(rec))
 
-    async def _save(self, rec: DownloadRecord) -> None:
-        try:
-            await self.store.save(rec)
-        except Exception:
-            log.exception("store.save_failed", model_id=rec.model_id)
+
+def _check_rate(max_bytes_per_second: int) -> None:
+    if not 0 <= max_bytes_per_second <= MAX_RATE:
+        raise InvalidRequest(
+            f"max_bytes_per_second must be between 0 (unlimited) and {MAX_RATE}.",
+            param="max_bytes_per_second",
+        )
 
 
 def _snapshot(rec: DownloadRecord) -> DownloadRecord:

@@ -126,6 +126,7 @@ class FileSetTransfer:
             downloaded_bytes=f.downloaded_bytes,
             expected_sha256=f.expected_sha256,
             validator=f.validator,
+            file_validator=f.file_validator,
             segments=f.segments,
             max_bytes_per_second=self._cap_share(),
             run_started_at=now_ms(),
@@ -161,6 +162,7 @@ class FileSetTransfer:
         f.size = child.total_bytes
         f.downloaded_bytes = child.downloaded_bytes
         f.validator = child.validator
+        f.file_validator = child.file_validator
         f.segments = child.segments
         share = self._cap_share()
         for running in self._running.values():

@@ -80,6 +80,7 @@ class FileRecord(msgspec.Struct, kw_only=True):
     expected_sha256: str | None = None
     sha256: str | None = None  # set once verified
     validator: str | None = None
+    file_validator: str | None = None  # the one the completed file at local_path has
     segments: list[list[int]] | None = None
 
     @property
@@ -107,6 +108,7 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     expected_sha256: str | None = None
     sha256: str | None = None  # set once verified
     validator: str | None = None  # ETag (or Last-Modified) the .part file belongs to
+    file_validator: str | None = None  # ...and the one the completed file at local_path has
     error_message: str | None = None
     last_error: str | None = None
     attempts: int = 0

@@ -8,12 +8,12 @@ A field "present only when..." defaults to ``UNSET`` (omitted from the JSON); JS
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from kernel.config import DownloadSettings
+from kernel.config import DownloadSettings, Rate
 from kernel.transfer import now_ms
 from kernel.types import DownloadRecord, EngineSpec, FileRecord
 
@@ -356,7 +356,7 @@ class PriorityRequest(_Request):
 
 
 class LimitRequest(_Request):
-    max_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)]
+    max_bytes_per_second: Rate
 
 
 class Readiness(_Wire):
@@ -371,7 +371,7 @@ class CreateDownload(_Request):
     sha256: str | None = None
     filename: str | None = None
     priority: int = 0
-    max_bytes_per_second: int = 0
+    max_bytes_per_second: Rate = 0
     engine_creation: EngineCreationRequest | None = None
     include: list[str] | None = None  # ours: file patterns of a repository to pull as one model
 
