@@ -225,6 +225,7 @@ class DownloadsController(Controller):
             priority=body.priority,
             max_bytes_per_second=body.max_bytes_per_second,
             engine=body.engine_creation.to_spec() if body.engine_creation else None,
+            include=body.include,
         )
         return Response(_view(downloads, rec, detail=True, now=now_ms()), status_code=202)
 
