@@ -19,6 +19,7 @@ import yaml
 from kernel.errors import KernelError
 
 __all__ = [
+    "MAX_RATE",
     "AuthSettings",
     "CacheSettings",
     "ConfigError",
@@ -28,6 +29,7 @@ __all__ = [
     "HubSettings",
     "ModelEntry",
     "PluginSettings",
+    "Rate",
     "RateLimitSettings",
     "RetrySettings",
     "S3CacheSettings",
@@ -64,6 +66,8 @@ class StorageSettings(_Section):
 
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+MAX_RATE = 1 << 40  # 1 TiB/s: a bandwidth cap above this is a typo, not a limit
+Rate = Annotated[int, msgspec.Meta(ge=0, le=MAX_RATE)]  # bytes per second, 0 = unlimited
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -74,12 +78,12 @@ class RetrySettings(_Section):
 
 class DownloadSettings(_Section):
     max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
-    max_bytes_per_second: NonNegativeInt = 0  # 0 = unlimited
+    max_bytes_per_second: Rate = 0  # 0 = unlimited
     stall_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
-    retention_days: NonNegativeInt = 0  # 0 = keep ended records forever
+    retention_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 0  # 0 = keep forever
     connections: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4  # per large download
-    segment_min_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 64 << 20  # split above this
+    segment_min_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] = 64 << 20
 
 
 class RateLimitSettings(_Section):

@@ -27,8 +27,13 @@ __all__ = [
     "EngineCreated",
     "EngineSpec",
     "Event",
+    "FileRecord",
+    "FileSetSource",
     "GpuInfo",
+    "Piece",
     "Probe",
+    "RemoteFile",
+    "Sampling",
     "Source",
     "Status",
 ]
@@ -61,6 +66,30 @@ class EngineSpec(msgspec.Struct, kw_only=True):
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+FileStatus: TypeAlias = Literal["pending", "downloading", "done"]
+
+
+class FileRecord(msgspec.Struct, kw_only=True):
+    """One file of a multi-file download (a shard of a split GGUF, a file of a repository):
+    its own reference, place, progress and resume state, as a single download keeps them."""
+
+    path: str  # relative to the download's directory (the shard's name, a path in the repo)
+    url: str  # the file's own reference, pinned to the commit the set was resolved at
+    local_path: str
+    size: int = 0  # 0 = not known yet
+    downloaded_bytes: int = 0
+    status: FileStatus = "pending"
+    expected_sha256: str | None = None
+    sha256: str | None = None  # set once verified
+    validator: str | None = None
+    file_validator: str | None = None  # the one the completed file at local_path has
+    segments: list[list[int]] | None = None
+
+    @property
+    def part_path(self) -> str:
+        return self.local_path + ".part"
+
+
 class DownloadRecord(msgspec.Struct, kw_only=True):
     """One download as the kernel and the store know it. Times are ms since the epoch."""
 
@@ -81,6 +110,7 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     expected_sha256: str | None = None
     sha256: str | None = None  # set once verified
     validator: str | None = None  # ETag (or Last-Modified) the .part file belongs to
+    file_validator: str | None = None  # ...and the one the completed file at local_path has
     error_message: str | None = None
     last_error: str | None = None
     attempts: int = 0
@@ -90,10 +120,26 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     # This run's starting point, for the average speed (bytes in this run / seconds in it).
     run_started_at: int = 0
     run_start_bytes: int = 0
+    # A set of files under one model id (None = one file, ``local_path``). ``local_path`` is
+    # then what engines load (a split GGUF's first shard) or the model's directory, and the
+    # byte counters are the sums over the files.
+    files: list[FileRecord] | None = None
 
     @property
     def part_path(self) -> str:
         return self.local_path + ".part"
+
+    def part_paths(self) -> list[str]:
+        """Every ``.part`` file this download may own."""
+        if self.files is None:
+            return [self.part_path]
+        return [f.part_path for f in self.files]
+
+    def final_paths(self) -> list[str]:
+        """Every file this download puts in place."""
+        if self.files is None:
+            return [self.local_path]
+        return [f.local_path for f in self.files]
 
 
 class Probe(msgspec.Struct, kw_only=True):
@@ -144,6 +190,32 @@ class Source(Protocol):
 
 
 @runtime_checkable
+class RemoteFile(Protocol):
+    """One file of a set a source resolved: where it goes and how to fetch it."""
+
+    path: str  # relative to the download's directory; "/"-separated, no "." or ".."
+    ref: str  # a reference ``resolve_source`` understands, naming exactly this file
+    size: int | None
+    sha256: str | None
+
+
+@runtime_checkable
+class FileSetSource(Protocol):
+    """A Source whose reference may name several files that make one model (the shards of a
+    split GGUF, a repository's files picked by ``include`` patterns)."""
+
+    ref: str
+
+    async def resolve_files(
+        self, filename: str | None, include: list[str] | None
+    ) -> list[RemoteFile] | None:
+        """The files of the set, in order (a split GGUF's first shard first), or None when the
+        reference (with ``filename``) names a single file. Raises InvalidRequest when the
+        files match more than one model or a set is incomplete, listing them."""
+        ...
+
+
+@runtime_checkable
 class DownloadStore(Protocol):
     """Keeps download records across restarts. Returned by the ``open_store`` hook."""
 
@@ -181,6 +253,36 @@ class Engine(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
     async def close(self) -> None: ...
+
+
+class Sampling(msgspec.Struct, kw_only=True, frozen=True):
+    """How to generate text: OpenAI's sampling fields, validated by the API, with OpenAI's
+    defaults (so ``temperature`` 1 and ``top_p`` 1 sample from the whole distribution)."""
+
+    max_tokens: int | None = 16  # None: until the context ends
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed for this request
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    logprobs: int | None = None  # how many alternatives per token; None: no logprobs
+    echo: bool = False  # completions only: the prompt comes first in the text
+
+
+class Piece(msgspec.Struct, kw_only=True):
+    """Some generated text (usually one token) from an engine's ``generate`` or ``chat``.
+
+    The last piece of a generation has ``finish_reason`` (``stop``, ``length``) and the token
+    counts. ``logprobs`` is OpenAI's completions shape (``tokens``, ``token_logprobs``,
+    ``top_logprobs``, ``text_offset``) for the tokens of this piece."""
+
+    text: str = ""
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @runtime_checkable

@@ -77,6 +77,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (file_key, node_id, model_id)
     );
     """,
+    """
+    CREATE FUNCTION mk_lease_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('mk_lease', NEW.file_key);
+        RETURN NEW;
+    END
+    $$;
+    CREATE TRIGGER mk_lease_changed AFTER INSERT OR UPDATE ON mk_leases
+        FOR EACH ROW EXECUTE FUNCTION mk_lease_notify();
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Any constant: serialises concurrent migrations of one database (DDL only, never leases).
