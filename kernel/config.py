@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -19,20 +19,26 @@ import yaml
 from kernel.errors import KernelError
 
 __all__ = [
+    "MAX_RATE",
     "AuthSettings",
+    "CacheSettings",
     "ConfigError",
     "CorsSettings",
     "DownloadSettings",
+    "FleetSettings",
     "HubSettings",
     "ModelEntry",
     "NetworkSettings",
     "PluginSettings",
+    "Rate",
     "RateLimitSettings",
     "RetrySettings",
+    "S3CacheSettings",
     "ServerSettings",
     "Settings",
     "SourcesSettings",
     "StorageSettings",
+    "StoreSettings",
     "load_settings",
 ]
 
@@ -50,6 +56,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    # Host header names accepted besides loopback ones while bound to loopback (DNS rebinding);
+    # ".example.com" also matches its subdomains, "*" turns the check off.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
 
 
 class StorageSettings(_Section):
@@ -58,6 +67,8 @@ class StorageSettings(_Section):
 
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+MAX_RATE = 1 << 40  # 1 TiB/s: a bandwidth cap above this is a typo, not a limit
+Rate = Annotated[int, msgspec.Meta(ge=0, le=MAX_RATE)]  # bytes per second, 0 = unlimited
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -68,12 +79,12 @@ class RetrySettings(_Section):
 
 class DownloadSettings(_Section):
     max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
-    max_bytes_per_second: NonNegativeInt = 0  # 0 = unlimited
+    max_bytes_per_second: Rate = 0  # 0 = unlimited
     stall_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
-    retention_days: NonNegativeInt = 0  # 0 = keep ended records forever
+    retention_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 0  # 0 = keep forever
     connections: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4  # per large download
-    segment_min_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 64 << 20  # split above this
+    segment_min_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] = 64 << 20
 
 
 class RateLimitSettings(_Section):
@@ -125,6 +136,41 @@ class ModelEntry(_Section):
     load_params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class StoreSettings(_Section):
+    """Where download records live: ``sqlite`` (embedded, the default) or ``postgres`` (shared
+    by a fleet; needs the ``[fleet]`` extra). The DSN may also come from ``MODELKERNEL_STORE_DSN``;
+    libpq's own variables (``PGPASSWORD``, ``PGSSLMODE``...) apply as usual."""
+
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str | None = None
+
+
+class FleetSettings(_Section):
+    """This node in a fleet (used only with ``store.kind: postgres``)."""
+
+    node_id: str | None = None  # None: the host name
+    api_url: str | None = None  # how other nodes and operators reach this node (shown only)
+    lease_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
+    poll_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+
+
+class S3CacheSettings(_Section):
+    """An S3-compatible bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS) as the fleet's cache."""
+
+    endpoint: str  # https://s3.eu-west-1.amazonaws.com, http://minio:9000 ...
+    bucket: str
+    region: str = "us-east-1"
+    prefix: str = "modelkernel/"
+    access_key_env: str = "AWS_ACCESS_KEY_ID"  # names of env vars, never the keys themselves
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name)
+    part_size: Annotated[int, msgspec.Meta(ge=5 << 20, le=5 << 30)] = 16 << 20
+
+
+class CacheSettings(_Section):
+    s3: S3CacheSettings | None = None
+
+
 class Settings(_Section):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -135,6 +181,9 @@ class Settings(_Section):
     network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
     models: list[ModelEntry] = msgspec.field(default_factory=list)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -19,12 +19,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
-from kernel.config import DownloadSettings, Settings
+from kernel._saves import RecordWriter
+from kernel.config import MAX_RATE, DownloadSettings, Settings
 from kernel.errors import (
     DownloadExists,
     DownloadNotFound,
@@ -33,6 +34,7 @@ from kernel.errors import (
     KernelError,
 )
 from kernel.events import EventBus
+from kernel.fileset import FileSetTransfer
 from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
 from kernel.types import (
@@ -44,7 +46,9 @@ from kernel.types import (
     DownloadStore,
     EngineCreated,
     EngineSpec,
+    FileRecord,
     ModelType,
+    RemoteFile,
     Status,
 )
 from kernel.validation import validate_filename, validate_model_id, validate_url
@@ -109,11 +113,12 @@ class DownloadManager:
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
-        self._saves: set[asyncio.Task[None]] = set()
+        self.writer = RecordWriter(store)  # saves in order; replies wait for durability
         self._last_progress: dict[str, float] = {}
         self._last_checkpoint: dict[str, float] = {}
         self._seq = 0
         self._stopping = False
+        self._held = 0  # > 0 while a bulk cancel runs: nothing new starts
         # The API layer's encoded views of ended downloads (they never change), by model id.
         self.view_cache: dict[str, tuple[object, msgspec.Raw]] = {}
         self.bucket = TokenBucket(lambda: self.settings.downloads.max_bytes_per_second)
@@ -141,12 +146,13 @@ class DownloadManager:
         for rec in list(self.records.values()):
             if rec.status in TERMINAL and (rec.end_time or rec.created_at) < cutoff:
                 del self.records[rec.model_id]
-                await self.store.delete(rec.model_id)
+                self.writer.delete(rec.model_id)
+                await self.writer.wait(rec.model_id)
                 log.info("download.pruned", model_id=rec.model_id, status=rec.status)
 
     def _report_orphan_parts(self) -> None:
         """A ``.part`` no record owns is reported, never deleted silently."""
-        owned = {rec.part_path for rec in self.records.values()}
+        owned = {path for rec in self.records.values() for path in rec.part_paths()}
         for part in self.models_dir.glob("*/*.part"):
             if str(part) not in owned:
                 log.warning("download.orphan_part", path=str(part), bytes=part.stat().st_size)
@@ -165,8 +171,8 @@ class DownloadManager:
         await self.flush()
 
     async def flush(self) -> None:
-        while self._saves:
-            await asyncio.wait(list(self._saves))
+        """Wait until every save asked for so far has reached the store."""
+        await self.writer.drain()
 
     # --- queries -------------------------------------------------------------------------
 
@@ -207,22 +213,44 @@ class DownloadManager:
         priority: int = 0,
         engine: EngineSpec | None = None,
         max_bytes_per_second: int = 0,
+        include: builtins.list[str] | None = None,
     ) -> DownloadRecord:
         validate_model_id(model_id)
         validate_url(url)
         if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise InvalidRequest("sha256 must be 64 hexadecimal characters.", param="sha256")
-        if max_bytes_per_second < 0:
-            raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        _check_rate(max_bytes_per_second)
+        if include is not None and (
+            not include or any(not p or len(p) > 1024 for p in include) or len(include) > 100
+        ):
+            raise InvalidRequest(
+                "include must be a list of 1 to 100 non-empty file name patterns.", param="include"
+            )
         source = self.plugins.resolve_source(url)
+        remote: builtins.list[RemoteFile] | None = None
         try:
+            resolve_files = getattr(source, "resolve_files", None)
+            if resolve_files is not None:
+                # A split GGUF's shards, or a repository's files picked by include patterns.
+                remote = await resolve_files(filename, include)
+            elif include is not None:
+                raise InvalidRequest(
+                    f"include picks several files of a repository (hf://owner/repo); {url} "
+                    "names one file.",
+                    param="include",
+                )
             resolve_filename = getattr(source, "resolve_filename", None)
-            if resolve_filename is not None:
+            if remote is not None:
+                name = ""
+            elif resolve_filename is not None:
                 # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf":
                 # it lists the repository); its ref then names that one file, kept in the record.
                 filename = await resolve_filename(filename)
                 url = source.ref
-            name = validate_filename(filename) if filename else _default_filename(source, model_id)
+            if remote is None:
+                name = (
+                    validate_filename(filename) if filename else _default_filename(source, model_id)
+                )
         finally:
             await source.aclose()  # the transfer task resolves its own
         if engine is not None:
@@ -233,10 +261,17 @@ class DownloadManager:
                 raise DownloadExists(model_id, existing.status)
             self._seq += 1
             now = now_ms()
+            files = None if remote is None else _file_records(self.models_dir / model_id, remote)
             rec = DownloadRecord(
                 model_id=model_id,
                 url=url,
-                local_path=str(self.models_dir / model_id / name),
+                local_path=(
+                    str(self.models_dir / model_id / name)
+                    if files is None
+                    else _primary(self.models_dir / model_id, files)
+                ),
+                files=files,
+                total_bytes=sum(f.size for f in files) if files else 0,
                 download_type="startup" if engine is not None else "regular",
                 model_type=model_type,
                 engine=engine,
@@ -253,24 +288,46 @@ class DownloadManager:
             self.bus.publish(DownloadCreated(_snapshot(rec)))
             log.info("download.created", model_id=model_id, url=url, path=rec.local_path)
             self._schedule()
+            await self.writer.wait(model_id)  # the reply promises a durable download
             return rec
 
     async def _adopt_or_drop_part(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
         """A ``.part`` left by the ended download this one replaces is continued when it is the
         same file (same URL and path: its validator guards the resume); any other ``.part`` at
         this path is someone else's bytes and is removed, so two files are never spliced."""
-        if (
-            old is not None
-            and old.url == rec.url
-            and old.local_path == rec.local_path
-            and old.validator
-        ):
-            rec.validator = old.validator
-            rec.total_bytes = old.total_bytes
-            rec.segments = old.segments
+        if rec.files is not None or (old is not None and old.files is not None):
+            await self._adopt_or_drop_parts(rec, old)
             return
+        if old is not None and old.url == rec.url and old.local_path == rec.local_path:
+            rec.file_validator = old.file_validator  # what the final file, if any, is
+            if old.validator:
+                rec.validator = old.validator
+                rec.total_bytes = old.total_bytes
+                rec.segments = old.segments
+                return
         if await asyncio.to_thread(_remove, rec.part_path):
             log.info("download.stale_part_removed", path=rec.part_path)
+
+    async def _adopt_or_drop_parts(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
+        """The same rule for a set of files, file by file: a file of the old set with the same
+        reference and place continues from its ``.part`` (or is found in place)."""
+        if rec.files is None:
+            if await asyncio.to_thread(_remove, rec.part_path):
+                log.info("download.stale_part_removed", path=rec.part_path)
+            return
+        kept: dict[str, FileRecord] = {}
+        if old is not None and old.files is not None:
+            kept = {f.local_path: f for f in old.files}
+        for f in rec.files:
+            before = kept.get(f.local_path)
+            if before is not None and before.url == f.url:
+                f.file_validator = before.file_validator  # what the final file, if any, is
+                if before.validator:
+                    f.validator, f.segments = before.validator, before.segments
+                    f.size = before.size or f.size
+                    continue
+            if await asyncio.to_thread(_remove, f.part_path):
+                log.info("download.stale_part_removed", path=f.part_path)
 
     async def ensure_startup(
         self, model_id: str, url: str, model_type: ModelType, engine: EngineSpec
@@ -299,16 +356,19 @@ class DownloadManager:
         ``delete_file`` also remove its completed file. Returns (record, file_deleted)."""
         rec = self.get(model_id)
         if rec.status not in TERMINAL:
-            await self.cancel(model_id)
+            await self._cancel(model_id)
         async with self._locks[model_id]:
             rec = self.get(model_id)
             deleted = False
             if delete_file:
-                deleted = await asyncio.to_thread(_remove, rec.local_path)
-                await asyncio.to_thread(_remove, rec.part_path)
+                for path in rec.final_paths():
+                    deleted = await asyncio.to_thread(_remove, path) or deleted
+                for path in rec.part_paths():
+                    await asyncio.to_thread(_remove, path)
             del self.records[model_id]
             self.view_cache.pop(model_id, None)
-            await self.store.delete(model_id)
+            self.writer.delete(model_id)  # after every save queued for it, never before
+            await self.writer.wait(model_id)
             log.info("download.purged", model_id=model_id, file_deleted=deleted)
             return rec, deleted
 
@@ -318,8 +378,7 @@ class DownloadManager:
 
     async def set_limit(self, model_id: str, max_bytes_per_second: int) -> DownloadRecord:
         """Cap one download's bandwidth (0 = unlimited); a running transfer obeys at once."""
-        if max_bytes_per_second < 0:
-            raise InvalidRequest("max_bytes_per_second must be >= 0.", param="max_bytes_per_second")
+        _check_rate(max_bytes_per_second)
         return await self._change(
             model_id, "limit", "download.limit", max_bytes_per_second=max_bytes_per_second
         )
@@ -336,6 +395,7 @@ class DownloadManager:
                 setattr(rec, name, value)
             self._persist(rec)
             log.info(event, model_id=model_id, **fields)
+            await self.writer.wait(model_id)
             return rec
 
     async def apply_settings(self, downloads: DownloadSettings) -> None:
@@ -367,6 +427,7 @@ class DownloadManager:
                 raise InvalidState(model_id, "pause", rec.status)
             self._set_status(rec, "paused")
             self._schedule()
+            await self.writer.wait(model_id)
             return rec
 
     async def resume(self, model_id: str) -> DownloadRecord:
@@ -378,10 +439,16 @@ class DownloadManager:
             rec.last_error = None
             self._set_status(rec, "queued")
             self._schedule()
+            await self.writer.wait(model_id)
             return rec
 
     async def cancel(self, model_id: str) -> tuple[DownloadRecord, str]:
         """Cancel one download; returns the record and the status it had."""
+        result = await self._cancel(model_id)
+        await self.writer.wait(model_id)
+        return result
+
+    async def _cancel(self, model_id: str) -> tuple[DownloadRecord, str]:
         async with self._locks[model_id]:
             rec = self.get(model_id)
             if rec.status in TERMINAL:
@@ -391,7 +458,8 @@ class DownloadManager:
             if rec.status in TERMINAL:
                 raise InvalidState(model_id, "cancel", rec.status)
             if previous != "creating_engine":
-                await asyncio.to_thread(_remove, rec.part_path)
+                for path in rec.part_paths():
+                    await asyncio.to_thread(_remove, path)
             self._set_status(rec, "cancelled")
             self._schedule()
             return rec, previous
@@ -400,14 +468,22 @@ class DownloadManager:
         self,
     ) -> tuple[builtins.list[tuple[DownloadRecord, str]], builtins.list[tuple[str, str, str]]]:
         """Cancel every non-terminal download. Returns (cancelled, failed) where failed rows
-        are (model_id, status, reason)."""
+        are (model_id, status, reason). The queue is held meanwhile: a slot freed by one
+        cancellation never starts a download that is about to be cancelled too."""
         cancelled: list[tuple[DownloadRecord, str]] = []
         failed: list[tuple[str, str, str]] = []
-        for rec in self.list():
-            try:
-                cancelled.append(await self.cancel(rec.model_id))
-            except KernelError as exc:
-                failed.append((rec.model_id, rec.status, exc.message))
+        self._held += 1
+        try:
+            for rec in self.list():
+                try:
+                    cancelled.append(await self._cancel(rec.model_id))
+                except KernelError as exc:
+                    failed.append((rec.model_id, rec.status, exc.message))
+        finally:
+            self._held -= 1
+        self._schedule()  # what was created meanwhile
+        for rec, _ in cancelled:  # durable before the reply; written together, not one by one
+            await self.writer.wait(rec.model_id)
         return cancelled, failed
 
     # --- scheduling and tasks --------------------------------------------------------------
@@ -417,7 +493,7 @@ class DownloadManager:
         return sum(1 for phase in self._phase.values() if phase in ("transfer", "finalizing"))
 
     def _schedule(self) -> None:
-        if self._stopping:
+        if self._stopping or self._held:
             return
         free = self.settings.downloads.max_concurrent - self.running()
         for rec in self.queue()[: max(free, 0)]:
@@ -459,21 +535,23 @@ class DownloadManager:
         model_id = rec.model_id
         with structlog.contextvars.bound_contextvars(model_id=model_id):
             try:
-                source = self.plugins.resolve_source(rec.url)
-                transfer = Transfer(
-                    rec,
-                    source,
-                    self.settings.downloads,
-                    on_progress=self._on_progress,
-                    on_finalizing=lambda: self._phase.__setitem__(model_id, "finalizing"),
-                    shared_bucket=self.bucket,
-                    on_bytes=self._on_bytes,
-                    on_retry=self._on_retry,
-                )
-                try:
-                    await transfer.run()
-                finally:
-                    await source.aclose()
+                callbacks: dict[str, Any] = {
+                    "on_progress": self._on_progress,
+                    "on_finalizing": lambda: self._phase.__setitem__(model_id, "finalizing"),
+                    "shared_bucket": self.bucket,
+                    "on_bytes": self._on_bytes,
+                    "on_retry": self._on_retry,
+                }
+                if rec.files is not None:
+                    await FileSetTransfer(
+                        rec, self.plugins.resolve_source, self.settings.downloads, **callbacks
+                    ).run()
+                else:
+                    source = self.plugins.resolve_source(rec.url)
+                    try:
+                        await Transfer(rec, source, self.settings.downloads, **callbacks).run()
+                    finally:
+                        await source.aclose()
             except asyncio.CancelledError:
                 self._persist(rec)  # checkpoint the bytes on disk; the canceller sets status
                 self._task_done(rec)
@@ -568,20 +646,58 @@ class DownloadManager:
             self.metrics.retries.labels(reason=reason).inc()
 
     def _persist(self, rec: DownloadRecord) -> None:
-        """Save ``rec`` in the background; saves reach the store in call order."""
-        task = asyncio.ensure_future(self._save(_snapshot(rec)))
-        self._saves.add(task)
-        task.add_done_callback(self._saves.discard)
+        """Save ``rec`` as it is now, in the background; ``writer.wait`` awaits it."""
+        self.writer.save(_snapshot(rec))
 
-    async def _save(self, rec: DownloadRecord) -> None:
-        try:
-            await self.store.save(rec)
-        except Exception:
-            log.exception("store.save_failed", model_id=rec.model_id)
+
+def _check_rate(max_bytes_per_second: int) -> None:
+    if not 0 <= max_bytes_per_second <= MAX_RATE:
+        raise InvalidRequest(
+            f"max_bytes_per_second must be between 0 (unlimited) and {MAX_RATE}.",
+            param="max_bytes_per_second",
+        )
 
 
 def _snapshot(rec: DownloadRecord) -> DownloadRecord:
-    return msgspec.structs.replace(rec)
+    if rec.files is None:
+        return msgspec.structs.replace(rec)
+    files = [
+        msgspec.structs.replace(f, segments=[list(s) for s in f.segments] if f.segments else None)
+        for f in rec.files
+    ]
+    return msgspec.structs.replace(rec, files=files)
+
+
+def _file_records(directory: Path, remote: builtins.list[RemoteFile]) -> builtins.list[FileRecord]:
+    """The set's files under the model's directory; every path component is checked."""
+    records = []
+    seen: set[str] = set()
+    for item in remote:
+        parts = item.path.split("/")
+        for part in parts:
+            validate_filename(part, param="url")
+        if item.path.lower() in seen:
+            raise InvalidRequest(f"The file {item.path!r} is listed twice.", param="url")
+        seen.add(item.path.lower())
+        records.append(
+            FileRecord(
+                path=item.path,
+                url=item.ref,
+                local_path=str(directory.joinpath(*parts)),
+                size=item.size or 0,
+                expected_sha256=item.sha256.lower() if item.sha256 else None,
+            )
+        )
+    return records
+
+
+def _primary(directory: Path, files: builtins.list[FileRecord]) -> str:
+    """What engines load: the first GGUF of the set (a split model's first shard), the one
+    file of a one-file set, else the model's directory."""
+    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
+    if ggufs:
+        return ggufs[0].local_path
+    return files[0].local_path if len(files) == 1 else str(directory)
 
 
 def _default_filename(source: object, model_id: str) -> str:

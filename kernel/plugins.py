@@ -35,6 +35,7 @@ BUILTINS: dict[str, str] = {
     "hf_source": "plugins.hf_source",
     "http_source": "plugins.http_source",
     "sqlite_store": "plugins.sqlite_store",
+    "pg_store": "plugins.pg_store",
     "engine_llamacpp": "plugins.engine_llamacpp",
 }
 

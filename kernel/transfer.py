@@ -89,7 +89,8 @@ class Transfer:
         self.on_bytes = on_bytes
         self.on_retry = on_retry
         self._segments_ok = True
-        self._transferred_at_failure = 0
+        # The furthest the file has ever got in this run: only bytes beyond it are progress.
+        self._high_water = record.downloaded_bytes
         self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
         self._shared_bucket = shared_bucket
         # Called in a worker thread after each block lands in the .part (offset, bytes): the
@@ -123,12 +124,14 @@ class Transfer:
 
     async def _backoff(self, exc: TransientError) -> None:
         """Count a failure and wait before the next try. The count is of failures in a row
-        without progress: an attempt that moved bytes starts the count again, so a long
-        download over a link that drops now and then is never failed for that."""
+        without progress, and progress means the file got further than it ever had (its
+        high-water mark): a long download over a link that drops now and then is never
+        failed for that, but an origin that cuts every try at the same byte (restarting
+        from zero each time) runs out of attempts."""
         rec, retry = self.rec, self.settings.retry
-        if self.transferred > self._transferred_at_failure:
+        if rec.downloaded_bytes > self._high_water:
+            self._high_water = rec.downloaded_bytes
             rec.attempts = 0
-        self._transferred_at_failure = self.transferred
         rec.attempts += 1
         rec.last_error = exc.message
         if rec.attempts > retry.attempts:
@@ -270,10 +273,13 @@ class Transfer:
         return await self._finish(rec.total_bytes)
 
     def _read_cap(self) -> int:
-        """Bytes to read before throttling: a flush interval's worth of the tightest cap."""
+        """Bytes to read before throttling: a flush interval's worth of the tightest cap,
+        never more than ``WRITE_BLOCK`` (a huge cap must not size a huge buffer)."""
         shared = self.settings.max_bytes_per_second if self._shared_bucket is not None else 0
         caps = [cap for cap in (self.rec.max_bytes_per_second, shared) if cap > 0]
-        return max(64 * 1024, int(min(caps) * FLUSH_S)) if caps else WRITE_BLOCK
+        if not caps:
+            return WRITE_BLOCK
+        return min(WRITE_BLOCK, max(64 * 1024, int(min(caps) * FLUSH_S)))
 
     async def _pump(
         self,
@@ -334,7 +340,15 @@ class Transfer:
             data = bytes(buffer)
             buffer.clear()
             flushed_at = time.monotonic()
-            await write_at(fd, memoryview(data), pos, rec.part_path)
+            try:
+                await write_at(fd, memoryview(data), pos, rec.part_path)
+            except asyncio.CancelledError:
+                landed(data)  # a cancelled write is let land first: count it, once
+                raise
+            landed(data)
+
+        def landed(data: bytes) -> None:
+            nonlocal pos
             if hasher is not None:
                 hasher.update(data)
             if self.on_block is not None:
@@ -386,17 +400,24 @@ class Transfer:
             self._shared_bucket.consume_blocking(n, stop)
 
     async def _already_present(self) -> bool:
-        """A final file of the right size (and digest, when known) needs no transfer."""
+        """A final file of the right size needs no transfer when it is known to be this
+        version of the remote file: its digest matches the expected one, or (with no digest
+        to check) the validator recorded when it was downloaded is the origin's current one.
+        The size alone proves nothing: a changed file often keeps its size."""
         rec = self.rec
         size = await asyncio.to_thread(size_of, rec.local_path)
         if size is None or not rec.total_bytes or size != rec.total_bytes:
             return False
         expected = self.expected_sha256
+        current = self.probe.validator if self.probe is not None else None
         if expected is not None:
             digest = await asyncio.to_thread(file_sha256, rec.local_path)
             if digest != expected:
                 return False
             rec.sha256 = digest
+        elif current is None or rec.file_validator != current:
+            return False
+        rec.file_validator = current
         rec.downloaded_bytes = size
         log.info("download.already_present", path=rec.local_path)
         return True
@@ -427,6 +448,7 @@ class Transfer:
         if rec.local_path.lower().endswith(".gguf"):
             await self._check_gguf()
         await asyncio.to_thread(rename_durably, rec.part_path, rec.local_path)
+        rec.file_validator = rec.validator
         rec.total_bytes = rec.total_bytes or size
         return True
 

@@ -27,8 +27,11 @@ __all__ = [
     "EngineCreated",
     "EngineSpec",
     "Event",
+    "FileRecord",
+    "FileSetSource",
     "GpuInfo",
     "Probe",
+    "RemoteFile",
     "Source",
     "Status",
 ]
@@ -61,6 +64,30 @@ class EngineSpec(msgspec.Struct, kw_only=True):
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+FileStatus: TypeAlias = Literal["pending", "downloading", "done"]
+
+
+class FileRecord(msgspec.Struct, kw_only=True):
+    """One file of a multi-file download (a shard of a split GGUF, a file of a repository):
+    its own reference, place, progress and resume state, as a single download keeps them."""
+
+    path: str  # relative to the download's directory (the shard's name, a path in the repo)
+    url: str  # the file's own reference, pinned to the commit the set was resolved at
+    local_path: str
+    size: int = 0  # 0 = not known yet
+    downloaded_bytes: int = 0
+    status: FileStatus = "pending"
+    expected_sha256: str | None = None
+    sha256: str | None = None  # set once verified
+    validator: str | None = None
+    file_validator: str | None = None  # the one the completed file at local_path has
+    segments: list[list[int]] | None = None
+
+    @property
+    def part_path(self) -> str:
+        return self.local_path + ".part"
+
+
 class DownloadRecord(msgspec.Struct, kw_only=True):
     """One download as the kernel and the store know it. Times are ms since the epoch."""
 
@@ -81,6 +108,7 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     expected_sha256: str | None = None
     sha256: str | None = None  # set once verified
     validator: str | None = None  # ETag (or Last-Modified) the .part file belongs to
+    file_validator: str | None = None  # ...and the one the completed file at local_path has
     error_message: str | None = None
     last_error: str | None = None
     attempts: int = 0
@@ -90,10 +118,26 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     # This run's starting point, for the average speed (bytes in this run / seconds in it).
     run_started_at: int = 0
     run_start_bytes: int = 0
+    # A set of files under one model id (None = one file, ``local_path``). ``local_path`` is
+    # then what engines load (a split GGUF's first shard) or the model's directory, and the
+    # byte counters are the sums over the files.
+    files: list[FileRecord] | None = None
 
     @property
     def part_path(self) -> str:
         return self.local_path + ".part"
+
+    def part_paths(self) -> list[str]:
+        """Every ``.part`` file this download may own."""
+        if self.files is None:
+            return [self.part_path]
+        return [f.part_path for f in self.files]
+
+    def final_paths(self) -> list[str]:
+        """Every file this download puts in place."""
+        if self.files is None:
+            return [self.local_path]
+        return [f.local_path for f in self.files]
 
 
 class Probe(msgspec.Struct, kw_only=True):
@@ -141,6 +185,32 @@ class Source(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class RemoteFile(Protocol):
+    """One file of a set a source resolved: where it goes and how to fetch it."""
+
+    path: str  # relative to the download's directory; "/"-separated, no "." or ".."
+    ref: str  # a reference ``resolve_source`` understands, naming exactly this file
+    size: int | None
+    sha256: str | None
+
+
+@runtime_checkable
+class FileSetSource(Protocol):
+    """A Source whose reference may name several files that make one model (the shards of a
+    split GGUF, a repository's files picked by ``include`` patterns)."""
+
+    ref: str
+
+    async def resolve_files(
+        self, filename: str | None, include: list[str] | None
+    ) -> list[RemoteFile] | None:
+        """The files of the set, in order (a split GGUF's first shard first), or None when the
+        reference (with ``filename``) names a single file. Raises InvalidRequest when the
+        files match more than one model or a set is incomplete, listing them."""
+        ...
 
 
 @runtime_checkable

@@ -66,3 +66,8 @@ async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:  # type:
     async with AsyncTestClient(app=create_app(kernel)) as test_client:
         test_client.kernel = kernel  # type: ignore[attr-defined]
         yield test_client
+
+
+# --- fleet: a throwaway PostgreSQL (and S3), started once per session when a test asks ------
+
+from tests.helpers.fleet import pg_cluster, pg_dsn  # noqa: E402,F401

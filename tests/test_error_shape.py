@@ -77,6 +77,47 @@ async def test_bad_id_segment_is_400_invalid_path_format(client: Any, path: str)
     )
 
 
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [
+        ("DELETE", "/"),
+        ("POST", "//cancel"),
+        ("DELETE", "//"),
+        ("POST", "//pause"),
+        ("GET", "/a%2Fb"),
+        ("DELETE", "/a%2fb"),
+        ("DELETE", "/..%2F..%2Fetc"),
+        ("POST", "/a%2Fb/cancel"),
+        ("POST", "/a%2Fb/pause"),
+    ],
+)
+async def test_empty_or_slashed_id_is_a_bad_id_never_the_bulk_cancel(
+    client: Any, origin: Origin, prefix: str, method: str, suffix: str
+) -> None:
+    url = origin.add_file("keep.bin", b"k" * 1000)
+    origin.faults.throttle_bps = 1000  # stays downloading: a bulk cancel would end it
+    assert (await client.post("/v1/downloads", json={"model_id": "keep", "url": url})).status_code == 202
+    assert_error(
+        await client.request(method, f"{prefix}{suffix}"), 400, "invalid_request_error",
+        code="invalid_path_format", param="path",
+    )
+    body = (await client.get("/v1/downloads/keep")).json()
+    assert body["status"] in {"queued", "downloading"}
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+async def test_cancel_all_body_on_the_slashed_path_is_a_bad_id(client: Any, prefix: str) -> None:
+    response = await client.post(f"{prefix}/", json={"action": "cancel_all"})
+    assert_error(response, 400, "invalid_request_error", code="invalid_path_format", param="path")
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+async def test_list_with_a_trailing_slash_still_lists(client: Any, prefix: str) -> None:
+    response = await client.get(f"{prefix}/")
+    assert response.status_code == 200 and "active_downloads" in response.json()
+
+
 async def test_internal_exception_is_500_without_a_traceback(client: Any, origin: Origin) -> None:
     def explode(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("secret internals /etc/shadow")

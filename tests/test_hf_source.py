@@ -428,7 +428,8 @@ async def test_pattern_matching_several_files_is_a_400_listing_them(client: Any,
     error = assert_error(response, 400, "invalid_request_error", param="filename")
     assert error["message"] == (
         "The filename '*K_M.gguf' matches 2 files in owner/repo@main: model-Q4_K_M.gguf, "
-        "model-Q5_K_M.gguf; give a pattern that matches exactly one."
+        "model-Q5_K_M.gguf; give a pattern that matches one model (one file, or the shards of "
+        "one split GGUF)."
     )
     assert (await client.get("/v1/downloads/pat")).status_code == 404
 

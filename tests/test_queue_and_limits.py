@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,6 +16,7 @@ from kernel.core import Kernel
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
 from tests.helpers.origin import Origin
+from tests.helpers.server import ServerProcess
 
 MiB = 1 << 20
 
@@ -124,6 +126,41 @@ async def test_patching_max_concurrent_starts_queued_downloads_and_survives_rest
     async with app_client(tmp_path, max_concurrent=1) as client:
         settings = (await client.get("/v1/settings")).json()["downloads"]
         assert settings["max_concurrent"] == 1  # the reset outlives a restart too
+
+
+async def test_a_huge_bandwidth_cap_is_refused_naming_the_field(client: Any, origin: Origin) -> None:
+    huge = 2**62
+    assert_error(await client.patch("/v1/settings", json={"downloads": {"max_bytes_per_second": huge}}),
+                 400, "invalid_request_error", param="max_bytes_per_second")
+    assert (await client.get("/v1/settings")).json()["downloads"]["max_bytes_per_second"] == 0
+    url = origin.add_file("huge-cap.bin", b"h" * 1000)
+    response = await client.post("/v1/downloads", json={"model_id": "huge", "url": url, "max_bytes_per_second": huge})
+    assert_error(response, 400, "invalid_request_error", param="max_bytes_per_second")
+    await start(client, "huge", url)
+    response = await client.post("/v1/downloads/huge/limit", json={"max_bytes_per_second": huge})
+    assert_error(response, 400, "invalid_request_error", param="max_bytes_per_second")
+
+
+def test_a_large_cap_never_sizes_a_large_buffer(tmp_path: Path, origin: Origin) -> None:
+    # The read block once followed the cap (a quarter second of it): 1e9 bytes/s made
+    # 250 MB blocks, two per download. Now it is bounded whatever the cap.
+    with ServerProcess(tmp_path) as server:
+        for i in range(2):
+            url = origin.add_file(f"bigcap{i}.bin", bytes([i]) * (2 * MiB))
+            body = {"model_id": f"bigcap{i}", "url": url, "max_bytes_per_second": 1_000_000_000}
+            assert httpx.post(f"{server.url}/v1/downloads", json=body, timeout=10).status_code == 202
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rows = httpx.get(f"{server.url}/v1/downloads?status=all", timeout=10).json()["active_downloads"]
+            if [r["status"] for r in rows] == ["completed"] * 2:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"downloads did not complete: {rows}")
+        assert server.process is not None
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert peak_kib < 300 * 1024, f"server peak RSS {peak_kib // 1024} MiB"
 
 
 async def test_metrics_count_a_completed_download_and_parse(client: Any, origin: Origin) -> None:

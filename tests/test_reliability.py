@@ -104,6 +104,31 @@ async def test_persistent_5xx_fails_after_the_configured_attempts(client: Any, o
     assert len(origin.requests_for("down.bin")) == 4  # first try + 3 retries
 
 
+async def test_an_origin_that_cuts_every_try_at_the_same_byte_runs_out_of_attempts(
+    client: Any, origin: Origin
+) -> None:
+    # No ranges, so every try starts again at byte 0 and is cut at the same 1 MiB: bytes
+    # arrive each time, but the file never gets further than it already had.
+    url = origin.add_file("cut-every.bin", blob(2 << 20, 31))
+    origin.faults.ignore_range = True
+    origin.faults.cut_every_after = 1 << 20
+    await start(client, "cut-every", url)
+    failed = await wait_status(client, "cut-every", "failed", timeout=30)
+    assert "attempts" in failed["error_message"]
+    assert 4 <= len(gets(origin, "cut-every.bin")) <= 6  # first try + 3 retries (+ slack)
+
+
+async def test_a_link_that_drops_now_and_then_still_completes(client: Any, origin: Origin) -> None:
+    # Ranges honoured: each try gets further than the last, so the count starts again.
+    data = blob(1 << 20, 32)
+    url = origin.add_file("drops.bin", data)
+    origin.faults.cut_every_after = 150_000
+    await start(client, "drops", url)
+    done = await wait_status(client, "drops", "completed", timeout=30)
+    assert digest(Path(done["local_path"]).read_bytes()) == digest(data)
+    assert len(gets(origin, "drops.bin")) >= 7  # more tries than retry.attempts allows in a row
+
+
 async def test_enospc_fails_keeps_the_part_and_a_later_create_resumes(
     client: Any, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:

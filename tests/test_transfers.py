@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from litestar.testing import AsyncTestClient
 
+from kernel.api.app import create_app
+from kernel.core import Kernel
+from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
 from tests.helpers.origin import Origin
 
@@ -151,6 +155,30 @@ async def test_cancel_all_counts_cancelled_and_skips_ended(client: Any, origin: 
     assert again["summary"]["total_downloads"] == 0
 
 
+@pytest.mark.parametrize("how", ["delete", "post_action"])
+async def test_cancel_all_never_starts_what_it_is_about_to_cancel(
+    tmp_path: Path, origin: Origin, how: str
+) -> None:
+    origin.faults.throttle_bps = 50_000
+    kernel = Kernel(make_settings(tmp_path, max_concurrent=1), load_entrypoints=False)
+    async with AsyncTestClient(app=create_app(kernel)) as client:
+        for i in range(4):
+            await create(client, f"held{i}", origin.add_file(f"held{how}{i}.bin", blob(400_000, 40 + i)))
+        await wait_for(client, "held0", lambda b: b["progress"]["downloaded_bytes"] > 0)
+        if how == "delete":
+            response = await client.delete("/v1/downloads")
+        else:
+            response = await client.post("/v1/downloads", json={"action": "cancel_all"})
+        assert response.status_code == 200
+        previous = {d["model_id"]: d["previous_status"] for d in response.json()["cancelled_downloads"]}
+        assert previous == {"held0": "downloading", "held1": "queued", "held2": "queued", "held3": "queued"}
+        for i in (1, 2, 3):  # the origin never saw a connection for the queued ones
+            assert origin.requests_for(f"held{how}{i}.bin") == []
+        # the queue works again afterwards
+        await create(client, "after", origin.add_file(f"after{how}.bin", b"a" * 1000))
+        await wait_status(client, "after", "completed")
+
+
 async def test_duplicate_active_id_is_409_and_terminal_one_is_replaced(client: Any, origin: Origin) -> None:
     origin.faults.throttle_bps = 100_000
     url = origin.add_file("dup.bin", blob(300_000, 20))
@@ -174,6 +202,41 @@ async def test_existing_verified_file_completes_without_transfer(client: Any, or
     done = await wait_status(client, "present", "completed")
     assert done["sha256"] == hashlib.sha256(data).hexdigest()
     assert [r.method for r in origin.requests_for("present.bin")] == ["HEAD"]
+
+
+async def test_an_unchanged_remote_file_is_not_fetched_again(client: Any, origin: Origin) -> None:
+    data = blob(200_000, 24)
+    url = origin.add_file("unchanged.bin", data)
+    await create(client, "unchanged", url)
+    await wait_status(client, "unchanged", "completed")
+    origin.requests.clear()
+    await create(client, "unchanged", url)
+    await wait_status(client, "unchanged", "completed")
+    assert [r.method for r in origin.requests_for("unchanged.bin")] == ["HEAD"]
+
+
+async def test_a_same_size_file_is_fetched_again_when_the_remote_changed(client: Any, origin: Origin) -> None:
+    old, new = blob(200_000, 25), blob(200_000, 26)
+    url = origin.add_file("changed.bin", old)
+    await create(client, "changed", url)
+    await wait_status(client, "changed", "completed")
+    origin.replace_file("changed.bin", new)  # same size, new ETag
+    await create(client, "changed", url)
+    done = await wait_status(client, "changed", "completed")
+    assert Path(done["local_path"]).read_bytes() == new
+
+
+async def test_a_same_size_file_nobody_recorded_is_not_taken_as_present(
+    client: Any, origin: Origin, tmp_path: Path
+) -> None:
+    data = blob(200_000, 27)
+    url = origin.add_file("stranger.bin", data)
+    target = tmp_path / "models" / "stranger" / "stranger.bin"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"\0" * len(data))
+    await create(client, "stranger", url)
+    done = await wait_status(client, "stranger", "completed")
+    assert Path(done["local_path"]).read_bytes() == data
 
 
 async def test_sha256_mismatch_fails_and_leaves_no_file(client: Any, origin: Origin) -> None:

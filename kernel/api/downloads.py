@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any, TypeAlias
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.enums import RequestEncodingType
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, FromPath, FromQuery, JSONBody
 
 from kernel.api.deps import Downloads
-from kernel.api.errors import error_responses
+from kernel.api.edge import is_slashed_collection
+from kernel.api.errors import ApiError, error_responses
 from kernel.api.schemas import (
     ActionResult,
     BulkCancelResult,
@@ -201,11 +202,18 @@ class DownloadsController(Controller):
         },
     )
     async def create(
-        self, data: CreateBody, downloads: Downloads
+        self, request: Request[Any, Any, Any], data: CreateBody, downloads: Downloads
     ) -> Response[Download | BulkCancelResult]:
         if "action" in data:
             if data["action"] != "cancel_all" or len(data) != 1:
                 raise InvalidRequest('The only action is "cancel_all".', param="action")
+            if is_slashed_collection(request.scope):  # only the exact bulk paths cancel all
+                raise ApiError(
+                    400,
+                    "Cannot extract model ID from request path: the id segment is empty.",
+                    param="path",
+                    code="invalid_path_format",
+                )
             return Response(_cancel_all(await downloads.cancel_all()), status_code=200)
         body = msgspec.convert(data, CreateDownload)
         rec = await downloads.create(
@@ -217,6 +225,7 @@ class DownloadsController(Controller):
             priority=body.priority,
             max_bytes_per_second=body.max_bytes_per_second,
             engine=body.engine_creation.to_spec() if body.engine_creation else None,
+            include=body.include,
         )
         return Response(_view(downloads, rec, detail=True, now=now_ms()), status_code=202)
 

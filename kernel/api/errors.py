@@ -54,19 +54,22 @@ TABLE: dict[type[KernelError], tuple[int, str, str | None]] = {
 
 # What each error status means, for the OpenAPI document (the body is always ErrorBody).
 ERROR_DESCRIPTIONS: dict[int, str] = {
-    400: "Invalid request (invalid_request_error); `param` names the field or `path`",
+    400: "Invalid request (invalid_request_error); `param` names the field or `path`; "
+    "code invalid_host for a Host header that does not name a loopback-only server",
     401: "Missing or wrong API key when auth.require_api_key is set "
     "(authentication_error, code invalid_api_key)",
     404: "Nothing with this model ID (not_found_error)",
     409: "A download with this model ID is still under way "
     "(invalid_request_error, code download_exists)",
     413: "Request body larger than auth.max_body_bytes (invalid_request_error)",
+    415: "A request body that is not Content-Type: application/json "
+    "(invalid_request_error, code unsupported_media_type)",
     422: "The model file could not be loaded (invalid_request_error, code model_loading_failed)",
     429: "Too many requests (rate_limit_error, code rate_limit_exceeded); see Retry-After",
     500: "Internal error (server_error); never carries a traceback",
 }
 # Every route behind the edge can answer these, whatever its handler does.
-EDGE_STATUSES = (401, 429, 500)
+EDGE_STATUSES = (400, 401, 415, 429, 500)
 
 
 def error_responses(*statuses: int, edge: bool = True) -> dict[int, ResponseSpec]:

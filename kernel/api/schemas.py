@@ -8,14 +8,14 @@ A field "present only when..." defaults to ``UNSET`` (omitted from the JSON); JS
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from kernel.config import DownloadSettings
+from kernel.config import DownloadSettings, Rate
 from kernel.transfer import now_ms
-from kernel.types import DownloadRecord, EngineSpec
+from kernel.types import DownloadRecord, EngineSpec, FileRecord
 
 __all__ = [
     "ActionResult",
@@ -26,6 +26,7 @@ __all__ = [
     "CancelledDownload",
     "CreateDownload",
     "Download",
+    "DownloadFile",
     "DownloadList",
     "EngineCreation",
     "EngineCreationRequest",
@@ -161,6 +162,32 @@ def eta_seconds(rec: DownloadRecord, speed: float) -> int | UnsetType:
     return max(0, math.ceil((rec.total_bytes - rec.downloaded_bytes) / speed))
 
 
+class DownloadFile(_Wire):
+    """One file of a multi-file download (ours, additive: the detail body's ``files``)."""
+
+    path: str
+    url: str
+    local_path: str
+    status: str
+    downloaded_bytes: int
+    total_bytes: int
+    percentage: float
+    sha256: str | UnsetType = UNSET
+
+    @classmethod
+    def from_record(cls, f: FileRecord) -> DownloadFile:
+        return cls(
+            path=f.path,
+            url=f.url,
+            local_path=f.local_path,
+            status=f.status,
+            downloaded_bytes=f.downloaded_bytes,
+            total_bytes=f.size,
+            percentage=percentage(f.downloaded_bytes, f.size),
+            sha256=f.sha256 if f.sha256 else UNSET,
+        )
+
+
 class Download(_Wire):
     model_id: str
     status: str
@@ -178,6 +205,7 @@ class Download(_Wire):
     last_error: str | UnsetType = UNSET
     sha256: str | UnsetType = UNSET
     max_bytes_per_second: int | UnsetType = UNSET
+    files: list[DownloadFile] | UnsetType = UNSET  # detail body of a multi-file download
 
     @classmethod
     def from_record(
@@ -221,6 +249,9 @@ class Download(_Wire):
             last_error=rec.last_error if retrying and rec.last_error else UNSET,
             sha256=rec.sha256 if rec.sha256 else UNSET,
             max_bytes_per_second=rec.max_bytes_per_second or UNSET,
+            files=[DownloadFile.from_record(f) for f in rec.files]
+            if detail and rec.files is not None
+            else UNSET,
         )
 
 
@@ -325,7 +356,7 @@ class PriorityRequest(_Request):
 
 
 class LimitRequest(_Request):
-    max_bytes_per_second: Annotated[int, msgspec.Meta(ge=0)]
+    max_bytes_per_second: Rate
 
 
 class Readiness(_Wire):
@@ -340,8 +371,9 @@ class CreateDownload(_Request):
     sha256: str | None = None
     filename: str | None = None
     priority: int = 0
-    max_bytes_per_second: int = 0
+    max_bytes_per_second: Rate = 0
     engine_creation: EngineCreationRequest | None = None
+    include: list[str] | None = None  # ours: file patterns of a repository to pull as one model
 
 
 class CancelAll(_Request):

@@ -21,6 +21,7 @@ __all__ = [
     "corrupt_gguf_bytes",
     "tiny_embedding_bytes",
     "tiny_llama_bytes",
+    "tiny_split_llama",
     "write_tiny_model",
 ]
 
@@ -56,8 +57,15 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_model(path: Path, *, embedding: bool = False, seed: int = 7) -> Path:
-    """Write a tiny llama GGUF (an embedding variant with ``embedding=True``) to ``path``."""
+N_TENSORS = 1 + 9 * N_LAYERS + 2
+
+
+def write_tiny_model(
+    path: Path, *, embedding: bool = False, seed: int = 7, split_max_tensors: int = 0
+) -> Path:
+    """Write a tiny llama GGUF (an embedding variant with ``embedding=True``) to ``path``.
+    With ``split_max_tensors`` gguf's split writer makes shards beside it instead
+    (``<stem>-00001-of-0000N.gguf``...; each with ``split.no`` / ``split.count``)."""
     import gguf
 
     tokens, scores, types = _vocab()
@@ -68,7 +76,7 @@ def write_tiny_model(path: Path, *, embedding: bool = False, seed: int = 7) -> P
     def matrix(rows: int, cols: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * scale).astype(np.float16)
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     writer.add_name("tiny-embed" if embedding else "tiny-llama")
     writer.add_context_length(CONTEXT_LENGTH)
     writer.add_embedding_length(EMBEDDING_LENGTH)
@@ -117,6 +125,16 @@ def write_tiny_model(path: Path, *, embedding: bool = False, seed: int = 7) -> P
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_split_llama(tmp_dir: Path, stem: str, shards: int = 3, seed: int = 7) -> dict[str, bytes]:
+    """The tiny llama split into ``shards`` GGUF files by gguf's writer: name -> bytes, in
+    shard order (``<stem>-00001-of-00003.gguf``, ...)."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-N_TENSORS // shards)
+    write_tiny_model(tmp_dir / f"{stem}.gguf", seed=seed, split_max_tensors=per_shard)
+    names = [f"{stem}-{i:05d}-of-{shards:05d}.gguf" for i in range(1, shards + 1)]
+    return {name: (tmp_dir / name).read_bytes() for name in names}
 
 
 def tiny_llama_bytes(tmp_dir: Path) -> bytes:

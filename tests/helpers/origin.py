@@ -50,6 +50,7 @@ class Faults:
     no_head: bool = False  # HEAD answers 405
     no_content_length: bool = False  # omit Content-Length (chunked transfer)
     short_body: int | None = None  # full Content-Length but only this many bytes, then close (once)
+    cut_every_after: int | None = None  # cut EVERY response after this many body bytes
 
 
 @dataclass
@@ -306,7 +307,7 @@ class Origin:
             end, fault = self._claim_fault(pos, min(pos + step, len(body)))
             await send({"type": "http.response.body", "body": body[pos:end], "more_body": True})
             sent, pos = end - pos, end
-            if fault in ("drop_after", "short_body"):
+            if fault in ("drop_after", "short_body", "cut_every_after"):
                 raise _Abort(fault)
             if fault == "stall_after":
                 await self._stall(gone)
@@ -321,13 +322,14 @@ class Origin:
         with self._lock:
             due = [
                 (value, name)
-                for name in _BODY_FAULTS
+                for name in (*_BODY_FAULTS, "cut_every_after")
                 if (value := getattr(self.faults, name)) is not None and value <= end
             ]
             if not due:
                 return end, None
             value, name = min(due)
-            setattr(self.faults, name, None)
+            if name != "cut_every_after":  # the others fire once
+                setattr(self.faults, name, None)
         return max(value, pos), name
 
     def _wake_stalls(self) -> None:
