@@ -6,9 +6,10 @@ tiny llama split into 3 shards by gguf's own split writer (tests/helpers/gguf_mo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import msgspec
 import pytest
 
 from kernel._gguf_split import check_split, read_split, shard_name
-from kernel.config import HubSettings, Settings, SourcesSettings
-from kernel.errors import PermanentError
-from kernel.types import DownloadRecord
+from kernel.config import DownloadSettings, HubSettings, RetrySettings, Settings, SourcesSettings
+from kernel.errors import PermanentError, TransientError
+from kernel.fileset import FileSetTransfer
+from kernel.types import DownloadRecord, FileRecord, Probe
 from plugins.sqlite_store.store import SqliteStore
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
@@ -324,3 +326,127 @@ async def test_records_saved_before_file_sets_still_load(tmp_path: Path) -> None
         assert {r.model_id for r in await store.load_all()} == {"old", "new"}
     finally:
         await store.close()
+
+
+async def test_a_file_set_record_round_trips_through_the_store(tmp_path: Path) -> None:
+    files = [
+        FileRecord(path="a-00001-of-00002.gguf", url="hf://o/r/a-00001-of-00002.gguf@c",
+                   local_path="/m/x/a-00001-of-00002.gguf", size=10, downloaded_bytes=4,
+                   status="downloading", validator='"v"', segments=[[0, 10, 4]]),
+        FileRecord(path="a-00002-of-00002.gguf", url="hf://o/r/a-00002-of-00002.gguf@c",
+                   local_path="/m/x/a-00002-of-00002.gguf", size=7, status="done", sha256="ab" * 32),
+    ]  # fmt: skip
+    rec = DownloadRecord(model_id="x", url="hf://o/r/a-*.gguf", local_path=files[0].local_path,
+                         files=files, total_bytes=17, downloaded_bytes=11)  # fmt: skip
+    store = SqliteStore(tmp_path / "state.db")
+    try:
+        await store.save(rec)
+    finally:
+        await store.close()
+    again = SqliteStore(tmp_path / "state.db")
+    try:
+        [loaded] = await again.load_all()
+    finally:
+        await again.close()
+    assert loaded == rec
+    assert loaded.part_paths() == [f.local_path + ".part" for f in files]
+
+
+# --- the coordinator on its own: parallelism, failures, retries -----------------------------------
+
+
+class _GatedBody:
+    def __init__(self, source: _GatedSource, offset: int) -> None:
+        self.source, self.start = source, offset
+        self.total: int | None = len(source.data)
+        self.validator: str | None = '"v"'
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        await self.source.gate.wait()
+        yield self.source.data[self.start :]
+
+    async def aclose(self) -> None:
+        self.source.open_now -= 1
+
+
+class _GatedSource:
+    def __init__(self, ref: str, data: bytes, gate: asyncio.Event, peak: list[int],
+                 everyone: list[_GatedSource], fail: list[Exception]) -> None:  # fmt: skip
+        self.ref, self.data, self.gate, self.peak, self.all = ref, data, gate, peak, everyone
+        self.fail = fail
+        self.open_now = 0
+        everyone.append(self)
+
+    async def probe(self) -> Probe:
+        return Probe(size=len(self.data), validator='"v"', accept_ranges=True)
+
+    async def open(self, offset: int, validator: str | None) -> _GatedBody:
+        if self.fail:
+            raise self.fail.pop(0)
+        self.open_now += 1
+        self.peak[0] = max(self.peak[0], sum(s.open_now for s in self.all))
+        return _GatedBody(self, offset)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _file_set(tmp_path: Path, n: int) -> tuple[DownloadRecord, dict[str, bytes]]:
+    blobs = {f"mem://f{i}": hashlib.shake_256(b"%d" % i).digest(10_000 + i) for i in range(n)}
+    files = [
+        FileRecord(path=f"f{i}.bin", url=f"mem://f{i}", local_path=str(tmp_path / f"f{i}.bin"),
+                   size=len(blobs[f"mem://f{i}"]))
+        for i in range(n)
+    ]  # fmt: skip
+    rec = DownloadRecord(model_id="set", url="mem://set", local_path=str(tmp_path), files=files)
+    return rec, blobs
+
+
+async def test_files_run_in_parallel_within_the_connection_budget(tmp_path: Path) -> None:
+    rec, blobs = _file_set(tmp_path, 5)
+    gate, peak, everyone = asyncio.Event(), [0], []  # type: ignore[var-annotated]
+    settings = DownloadSettings(connections=2, retry=RetrySettings(attempts=0))
+    transfer = FileSetTransfer(
+        rec, lambda ref: _GatedSource(ref, blobs[ref], gate, peak, everyone, []), settings  # type: ignore[arg-type,return-value]
+    )
+    task = asyncio.create_task(transfer.run())
+    async with asyncio.timeout(30):
+        while sum(s.open_now for s in everyone) < 2:  # the budget's worth of bodies is open
+            await asyncio.sleep(0.01)
+    gate.set()
+    async with asyncio.timeout(30):
+        await task
+    assert peak[0] == 2  # never more than the budget at once
+    assert rec.files is not None
+    for f in rec.files:
+        assert Path(f.local_path).read_bytes() == blobs[f.url]
+        assert (f.status, f.downloaded_bytes) == ("done", f.size)
+    assert rec.total_bytes == rec.downloaded_bytes == sum(len(b) for b in blobs.values())
+
+
+async def test_a_transient_fault_is_retried_and_a_permanent_one_fails_the_set(
+    tmp_path: Path,
+) -> None:
+    rec, blobs = _file_set(tmp_path, 3)
+    gate, peak, everyone = asyncio.Event(), [0], []  # type: ignore[var-annotated]
+    gate.set()
+    faults = {"mem://f1": [TransientError("reset", reason="network")]}
+    settings = DownloadSettings(connections=4, retry=RetrySettings(attempts=2, backoff_seconds=0))
+    retries: list[str] = []
+
+    def source(ref: str) -> _GatedSource:
+        return _GatedSource(ref, blobs[ref], gate, peak, everyone, faults.get(ref, []))
+
+    await FileSetTransfer(rec, source, settings, on_retry=retries.append).run()  # type: ignore[arg-type]
+    assert retries == ["network"]
+    assert rec.downloaded_bytes == rec.total_bytes
+
+    rec, blobs = _file_set(tmp_path / "second", 3)
+    gate.clear()  # the other files hang until the failure stops them
+    faults = {"mem://f2": [PermanentError("Not found (HTTP 404): mem://f2")]}
+    with pytest.raises(PermanentError, match="HTTP 404"):
+        async with asyncio.timeout(30):
+            await FileSetTransfer(rec, source, settings).run()  # type: ignore[arg-type]
+    assert rec.files is not None
+    assert [f.status for f in rec.files] != ["done"] * 3
+    assert sum(s.open_now for s in everyone) == 0  # every other file was stopped
