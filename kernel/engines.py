@@ -12,21 +12,25 @@ registry uses when present): ``backend.check(spec, prefix=...)`` to reject bad
 ``unloaded``, for engines that load on first use) and ``engine.details`` (a dict of facts);
 ``engine.complete_detailed(prompt, max_tokens)`` returning ``{text, finish_reason,
 prompt_tokens, completion_tokens}`` and ``engine.embed_detailed(texts)`` returning
-``(vectors, prompt_tokens)`` for token counts in the OpenAI ``usage`` block.
+``(vectors, prompt_tokens)`` for token counts in the OpenAI ``usage`` block;
+``engine.generate(prompt, sampling)`` and ``engine.chat(messages, sampling)``, async iterators
+of :class:`~kernel.types.Piece` that honour :class:`~kernel.types.Sampling` and stop when
+closed, with ``engine.supports_chat`` saying whether ``chat`` works for that model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
 import structlog
 
 from kernel.errors import EngineError, InvalidRequest
-from kernel.types import Engine, EngineBackend, EngineSpec, GpuInfo
+from kernel.types import Engine, EngineBackend, EngineSpec, GpuInfo, Piece, Sampling
 
 __all__ = ["AUTO_TYPE", "DEFAULT_BACKEND", "Completion", "EngineEntry", "EngineRegistry"]
 
@@ -185,6 +189,17 @@ class EngineRegistry:
         details = getattr(self.engines[model_id], "details", None)
         return dict(details) if details else None
 
+    def supports_chat(self, model_id: str) -> bool | None:
+        """Whether chat completions work for the model; None when it has no engine (yet)."""
+        engine = self.engines.get(model_id)
+        if engine is None:
+            return None
+        return (
+            getattr(engine, "model_type", "llm") == "llm"
+            and hasattr(engine, "chat")
+            and bool(getattr(engine, "supports_chat", False))
+        )
+
     def registered(self) -> list[EngineEntry]:
         """Every engine's entry, in creation order."""
         return [self.entries[m] for m in self.engines if m in self.entries]
@@ -224,12 +239,59 @@ class EngineRegistry:
             return Completion(text=text, finish_reason="length")
         return msgspec.convert(await detailed(prompt, max_tokens), Completion)
 
-    async def embed(self, model_id: str, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One vector per text, and the prompt token count (0 when the engine does not say)."""
+    async def generate(
+        self, model_id: str, prompt: str | list[int], sampling: Sampling
+    ) -> AsyncGenerator[Piece, None]:
+        """The engine's pieces for ``prompt``; an engine without ``generate`` answers in one
+        piece from ``complete`` (its own sampling; a text prompt only)."""
+        engine = self._engine_of(model_id, "llm", "/v1/completions")
+        generate = getattr(engine, "generate", None)
+        if generate is not None:
+            async with contextlib.aclosing(generate(prompt, sampling)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            return
+        if not isinstance(prompt, str):
+            raise InvalidRequest(
+                f"Model {model_id}'s engine takes text prompts only.", param="prompt"
+            )
+        result = await self.complete(model_id, prompt, sampling.max_tokens or 16)
+        yield Piece(text=result.text)
+        yield Piece(
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+        )
+
+    async def chat(
+        self, model_id: str, messages: list[dict[str, Any]], sampling: Sampling
+    ) -> AsyncGenerator[Piece, None]:
+        """The engine's pieces answering ``messages`` (InvalidRequest when it cannot chat)."""
+        engine = self._engine_of(model_id, "llm", "/v1/chat/completions")
+        chat = getattr(engine, "chat", None)
+        if chat is None:
+            raise InvalidRequest(
+                f"Model {model_id}'s engine does not support chat completions; use "
+                "/v1/completions.",
+                param="model",
+            )
+        async with contextlib.aclosing(chat(messages, sampling)) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def embed(
+        self, model_id: str, texts: list[str] | list[list[int]]
+    ) -> tuple[list[list[float]], int]:
+        """One vector per text (or list of token ids), and the prompt token count (0 when the
+        engine does not say)."""
         engine = self._engine_of(model_id, "embedding", "/v1/embeddings")
         detailed = getattr(engine, "embed_detailed", None)
         if detailed is None:
-            return await engine.embed(texts), 0
+            if not all(isinstance(t, str) for t in texts):
+                raise InvalidRequest(
+                    f"Model {model_id}'s engine takes text input only.", param="input"
+                )
+            return await engine.embed(texts), 0  # type: ignore[arg-type]
         vectors, tokens = await detailed(texts)
         return vectors, int(tokens)
 

@@ -30,8 +30,10 @@ __all__ = [
     "FileRecord",
     "FileSetSource",
     "GpuInfo",
+    "Piece",
     "Probe",
     "RemoteFile",
+    "Sampling",
     "Source",
     "Status",
 ]
@@ -251,6 +253,36 @@ class Engine(Protocol):
     async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
     async def close(self) -> None: ...
+
+
+class Sampling(msgspec.Struct, kw_only=True, frozen=True):
+    """How to generate text: OpenAI's sampling fields, validated by the API, with OpenAI's
+    defaults (so ``temperature`` 1 and ``top_p`` 1 sample from the whole distribution)."""
+
+    max_tokens: int | None = 16  # None: until the context ends
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed for this request
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    logprobs: int | None = None  # how many alternatives per token; None: no logprobs
+    echo: bool = False  # completions only: the prompt comes first in the text
+
+
+class Piece(msgspec.Struct, kw_only=True):
+    """Some generated text (usually one token) from an engine's ``generate`` or ``chat``.
+
+    The last piece of a generation has ``finish_reason`` (``stop``, ``length``) and the token
+    counts. ``logprobs`` is OpenAI's completions shape (``tokens``, ``token_logprobs``,
+    ``top_logprobs``, ``text_offset``) for the tokens of this piece."""
+
+    text: str = ""
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @runtime_checkable

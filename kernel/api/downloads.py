@@ -94,7 +94,8 @@ def _view(
         position = (positions if positions is not None else downloads.queue_positions()).get(
             rec.model_id
         )
-    return Download.from_record(rec, detail=detail, queue_position=position, now=now)
+    chat = downloads.engines.supports_chat(rec.model_id) if detail else None
+    return Download.from_record(rec, detail=detail, queue_position=position, now=now, chat=chat)
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -117,7 +117,10 @@ class EngineCreation(_Wire):
     llm_features: LlmFeatures | UnsetType = UNSET
 
     @classmethod
-    def from_record(cls, rec: DownloadRecord, *, detail: bool) -> EngineCreation | UnsetType:
+    def from_record(
+        cls, rec: DownloadRecord, *, detail: bool, chat: bool | None = None
+    ) -> EngineCreation | UnsetType:
+        """``chat``: whether the model's engine can chat (None: no engine yet, so not yet)."""
         spec = rec.engine
         if spec is None:
             return UNSET
@@ -134,7 +137,7 @@ class EngineCreation(_Wire):
             summary.embedding_features = EmbeddingFeatures()
             summary.recommended_usage = RecommendedUsage()
         else:
-            summary.llm_features = LlmFeatures()
+            summary.llm_features = LlmFeatures(chat_completion=bool(chat))
         return summary
 
 
@@ -215,6 +218,7 @@ class Download(_Wire):
         detail: bool = True,
         queue_position: int | None = None,
         now: int | None = None,
+        chat: bool | None = None,
     ) -> Download:
         now = now_ms() if now is None else now
         speed = speed_bps(rec, now)
@@ -242,7 +246,7 @@ class Download(_Wire):
                 else UNSET,
             ),
             error_message=rec.error_message if rec.error_message else UNSET,
-            engine_creation=EngineCreation.from_record(rec, detail=detail),
+            engine_creation=EngineCreation.from_record(rec, detail=detail, chat=chat),
             priority=rec.priority,
             queue_position=queue_position if queue_position is not None else UNSET,
             attempts=rec.attempts if retrying else UNSET,

@@ -110,10 +110,14 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class Origin:
-    """Loopback origin server on 127.0.0.1 with an ephemeral port; use as a context manager."""
+    """Loopback origin server on 127.0.0.1 with an ephemeral port; use as a context manager.
+    With ``tls`` (a certificate and key, see tests/helpers/tls.py) it speaks HTTPS, as
+    ``https://{host}:{port}``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Any = None, host: str = "127.0.0.1") -> None:
         self.base_url = ""
+        self.tls = tls
+        self.host = host  # the name in base_url (the server listens on 127.0.0.1)
         self.faults = Faults()
         self.requests: list[RequestLog] = []
         self._files: dict[str, _File] = {}
@@ -180,6 +184,8 @@ class Origin:
             self._app, host="127.0.0.1", port=0, interface="asgi3", http="h11", ws="none",
             lifespan="off", log_level="warning", log_config=None, access_log=False,
             proxy_headers=False, timeout_graceful_shutdown=5,
+            ssl_certfile=str(self.tls.cert) if self.tls else None,
+            ssl_keyfile=str(self.tls.key) if self.tls else None,
         )  # fmt: skip
         server = self._server = uvicorn.Server(config)
         _UVICORN_LOG.addFilter(self._log_filter)
@@ -192,7 +198,8 @@ class Origin:
                 raise RuntimeError("origin server failed to start")
             thread.join(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
+        scheme = "https" if self.tls else "http"
+        self.base_url = f"{scheme}://{self.host}:{port}"
 
     def stop(self) -> None:
         if self._server is None or self._thread is None:
