@@ -50,6 +50,7 @@ class Faults:
     no_head: bool = False  # HEAD answers 405
     no_content_length: bool = False  # omit Content-Length (chunked transfer)
     short_body: int | None = None  # full Content-Length but only this many bytes, then close (once)
+    no_ranges: bool = False  # no Accept-Ranges, and Range is ignored (200 + the whole file)
     cut_every_after: int | None = None  # cut EVERY response after this many body bytes
 
 
@@ -273,20 +274,21 @@ class Origin:
             return _text(405, "method not allowed\n", ("allow", "GET"))
         if name in self._redirects:
             target, status = self._redirects[name]
-            return _text(status, "redirect\n", ("location", self.url(target)))
+            location = target if "://" in target else self.url(target)  # absolute: as given
+            return _text(status, "redirect\n", ("location", location))
         file = self._files.get(name)
         if file is None:
             return _text(404, "not found\n")
         size = len(file.data)
         out = [
-            ("accept-ranges", "bytes"),
+            *([] if faults.no_ranges else [("accept-ranges", "bytes")]),
             ("etag", file.etag),
             ("last-modified", formatdate(file.mtime, usegmt=True)),
             ("content-type", "application/octet-stream"),
         ]
         span = None
         fresh = headers.get("if-range", file.etag) == file.etag  # If-Range: strong ETag match
-        if "range" in headers and fresh and not faults.ignore_range:
+        if "range" in headers and fresh and not (faults.ignore_range or faults.no_ranges):
             span = _parse_range(headers["range"], size)
         if span is None:
             status, body = 200, file.data
