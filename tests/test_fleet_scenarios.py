@@ -6,6 +6,11 @@ PostgreSQL and a SeaweedFS bucket, fetching from an origin that counts the body 
 2. The holder is killed (-9) at ~40%: another node takes over within the lease time plus a
    poll, the origin sends at most the size plus one part, and the killed node, restarted,
    finishes from the bucket with 0 bytes from the origin.
+3. The holder is frozen (SIGSTOP) past its lease, then resumed: it is fenced off, the object in
+   the bucket is intact.
+4. Progress of the shared fetch seen on a waiting node lags the holder's by <= 2 s; a waiting
+   node with LISTEN off notices the end within its poll interval.
+5. PostgreSQL is stopped mid-fetch: every node's API answers, the fetch goes on and ends.
 
 Each test prints its figures (origin bytes, takeover time) for the closing note.
 """
@@ -55,7 +60,12 @@ def make_bucket(seaweed: Seaweed) -> str:
 
 
 def fleet_nodes(
-    tmp_path: Path, dsn: str, seaweed: Seaweed, bucket: str, count: int = 3
+    tmp_path: Path,
+    dsn: str,
+    seaweed: Seaweed,
+    bucket: str,
+    count: int = 3,
+    fleet: dict[int, dict[str, Any]] | None = None,
 ) -> list[ServerProcess]:
     nodes = []
     for i in range(count):
@@ -67,6 +77,7 @@ def fleet_nodes(
                 "lease_s": LEASE_S,
                 "heartbeat_s": 0.5,
                 "poll_s": POLL_S,
+                **(fleet or {}).get(i, {}),
             },
             "cache": {"s3": {"endpoint": seaweed.endpoint, "bucket": bucket, "part_size": PART}},
             "downloads": {"retry": {"attempts": 20, "backoff_seconds": 0.1}},
@@ -272,7 +283,8 @@ def test_a_holder_frozen_past_its_lease_is_fenced_and_the_object_intact(
     expected = hashlib.sha256(data).hexdigest()
     assert hashlib.sha256(read_object(seaweed, bucket)).hexdigest() == expected  # intact
     assert [digest(b["local_path"]) for b in bodies] == [expected] * 3
-    assert sent <= SIZE + 2 * PART
+    # frozen with parts cut but not yet uploaded (up to UPLOADS_IN_FLIGHT), plus the one open
+    assert sent <= SIZE + 3 * PART
 
 
 def test_a_database_restart_mid_fetch_is_ridden_out(
@@ -284,7 +296,9 @@ def test_a_database_restart_mid_fetch_is_ridden_out(
     data = os.urandom(SIZE)
     url = origin.add_file("fleet-s5.bin", data)
     origin.faults.throttle_bps = 24 * MiB
-    nodes = fleet_nodes(tmp_path, cluster.dsn, seaweed, make_bucket(seaweed))
+    # A lease longer than the outage: the holder keeps fetching while the database is away.
+    longer = {i: {"lease_s": 15.0} for i in range(3)}
+    nodes = fleet_nodes(tmp_path, cluster.dsn, seaweed, make_bucket(seaweed), fleet=longer)
     try:
         start_all(nodes)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -320,4 +334,60 @@ def test_a_database_restart_mid_fetch_is_ridden_out(
     assert final[2] == "complete"
     expected = hashlib.sha256(data).hexdigest()
     assert [digest(b["local_path"]) for b in bodies] == [expected] * 3
-    assert sent <= SIZE + 2 * PART
+    assert sent <= SIZE + PART
+
+
+def test_waiting_nodes_follow_the_holder_closely(
+    tmp_path: Path, pg_dsn: str, seaweed: Seaweed, origin: Origin
+) -> None:
+    data = os.urandom(SIZE)
+    url = origin.add_file("fleet-s4.bin", data)
+    origin.faults.throttle_bps = 16 * MiB  # about 4 s for the whole file
+    nodes = fleet_nodes(
+        tmp_path, pg_dsn, seaweed, make_bucket(seaweed), fleet={2: {"listen": False}}
+    )
+    start_all(nodes)
+    holder, listening, polling = nodes
+    try:
+        create(holder, "model", url)
+        deadline = time.monotonic() + 60
+        while (lease_row(pg_dsn) or (None,))[0] != "node-0":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        create(listening, "model", url)
+        create(polling, "model", url)
+        seen_holder: list[tuple[float, int]] = []  # (time, bytes) the holder reports
+        seen_waiter: list[tuple[float, int]] = []  # (time, fetch bytes) a waiting node shows
+        complete_at = None
+        moved: dict[str, float] = {}  # waiting node -> when its own file started to grow
+        while len(moved) < 2:
+            assert time.monotonic() < deadline + 60
+            now = time.monotonic()
+            seen_holder.append((now, detail(holder, "model")["progress"]["downloaded_bytes"]))
+            files = httpx.get(f"{listening.url}/v1/cluster/downloads", timeout=10).json()["files"]
+            fetch = files[0]["fetch"] if files else None
+            seen_waiter.append((time.monotonic(), fetch["done"] if fetch else 0))
+            if complete_at is None and fetch and fetch["state"] == "complete":
+                complete_at = time.monotonic()
+            for name, node in (("listen", listening), ("poll", polling)):
+                if name not in moved and detail(node, "model")["progress"]["downloaded_bytes"]:
+                    moved[name] = time.monotonic()
+        origin.faults.throttle_bps = None
+        wait_completed(nodes, "model")
+    finally:
+        origin.faults.throttle_bps = None
+        stop_all(nodes)
+    lags = []
+    for at, done in seen_waiter:  # when did the holder first report at least that much?
+        if 0 < done < SIZE:
+            first = next(t for t, b in seen_holder if b >= done)
+            lags.append(at - first)
+    assert complete_at is not None
+    wake = {name: max(t - complete_at, 0.0) for name, t in moved.items()}
+    print(f"\nscenario 4: progress on a waiting node lags the holder by at most "
+          f"{max(lags):.2f} s (mean {sum(lags) / len(lags):.2f} s, {len(lags)} samples); after "
+          f"completion the waiters started reading in {wake['listen']:.2f} s (LISTEN) and "
+          f"{wake['poll']:.2f} s (LISTEN off, poll {POLL_S} s)")
+    assert len(lags) >= 3
+    assert max(lags) <= 2.0
+    assert wake["poll"] <= POLL_S + 1.0  # one poll (+ the observer's own sampling period)
