@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 
 from plugins.s3_cache.client import S3Client
 from tests.helpers.origin import Origin
+from tests.helpers.pg import PgCluster, find_pg_bin
 from tests.helpers.s3 import ACCESS_KEY, SECRET_KEY, Seaweed
 from tests.helpers.server import ServerProcess
 
@@ -203,3 +205,119 @@ def test_the_holder_killed_at_40_percent_is_taken_over(
     assert sent_after == sent_before_restart  # the restarted node read only the bucket
     expected = hashlib.sha256(data).hexdigest()
     assert [digest(b["local_path"]) for b in bodies + restarted] == [expected] * 3
+
+
+def read_object(seaweed: Seaweed, bucket: str) -> bytes:
+    async def fetch() -> bytes:
+        client = S3Client(seaweed.endpoint, bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+        try:
+            root = await client._xml(client._request("GET", None, query={"list-type": "2"}))
+            keys = [el.text for el in root.iter() if el.tag.endswith("Key")]
+            assert len(keys) == 1, keys
+            return await client.get_bytes(str(keys[0]))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(fetch())
+
+
+def test_a_holder_frozen_past_its_lease_is_fenced_and_the_object_intact(
+    tmp_path: Path, pg_dsn: str, seaweed: Seaweed, origin: Origin
+) -> None:
+    data = os.urandom(SIZE)
+    url = origin.add_file("fleet-s3.bin", data)
+    origin.faults.throttle_bps = 24 * MiB
+    bucket = make_bucket(seaweed)
+    nodes = fleet_nodes(tmp_path, pg_dsn, seaweed, bucket)
+    start_all(nodes)
+    frozen = nodes[0]
+    try:
+        create(frozen, "model", url)
+        deadline = time.monotonic() + 60
+        while (lease_row(pg_dsn) or (None,))[0] != "node-0":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for node in nodes[1:]:
+            create(node, "model", url)
+        while origin.body_bytes.get("fleet-s3.bin", 0) < 0.4 * SIZE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert frozen.process is not None
+        frozen.process.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            while True:  # the lease runs out and another node takes the fetch over
+                row = lease_row(pg_dsn)
+                if row is not None and row[0] not in (None, "node-0"):
+                    break
+                assert time.monotonic() < stopped_at + 60, row
+                time.sleep(0.02)
+            takeover = time.monotonic() - stopped_at
+            taken = row
+        finally:
+            frozen.process.send_signal(signal.SIGCONT)  # resumed while the other one fetches
+        origin.faults.throttle_bps = None
+        bodies = wait_completed(nodes, "model")
+        sent = origin.body_bytes.get("fleet-s3.bin", 0)
+        final = lease_row(pg_dsn)
+    finally:
+        origin.faults.throttle_bps = None
+        stop_all(nodes)
+    log = frozen.output()
+    print(f"\nscenario 3: frozen at ~40%; takeover after {takeover:.2f} s by {taken[0]} "
+          f"(token {taken[1]}); origin body bytes {sent} ({sent / SIZE:.3f} x)")
+    assert "lease.lost" in log  # the resumed holder learnt it was fenced off, and stopped
+    assert final is not None
+    assert (final[2], final[1]) == ("complete", taken[1])  # the new holder's token finished it
+    expected = hashlib.sha256(data).hexdigest()
+    assert hashlib.sha256(read_object(seaweed, bucket)).hexdigest() == expected  # intact
+    assert [digest(b["local_path"]) for b in bodies] == [expected] * 3
+    assert sent <= SIZE + 2 * PART
+
+
+def test_a_database_restart_mid_fetch_is_ridden_out(
+    tmp_path: Path, seaweed: Seaweed, origin: Origin
+) -> None:
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed")
+    cluster = PgCluster()  # its own: this test stops and starts it
+    data = os.urandom(SIZE)
+    url = origin.add_file("fleet-s5.bin", data)
+    origin.faults.throttle_bps = 24 * MiB
+    nodes = fleet_nodes(tmp_path, cluster.dsn, seaweed, make_bucket(seaweed))
+    try:
+        start_all(nodes)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda node: create(node, "model", url), nodes))
+        deadline = time.monotonic() + 60
+        while origin.body_bytes.get("fleet-s5.bin", 0) < 0.3 * SIZE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cluster.stop_server()
+        down_at = time.monotonic()
+        answered = 0
+        while time.monotonic() < down_at + 2.0:  # the database is down: every API still answers
+            for node in nodes:
+                assert httpx.get(f"{node.url}/health", timeout=5).status_code == 200
+                assert detail(node, "model")["status"] in ("downloading", "queued")
+                answered += 1
+        sent_while_down = origin.body_bytes.get("fleet-s5.bin", 0)
+        cluster.start()
+        downtime = time.monotonic() - down_at
+        origin.faults.throttle_bps = None
+        bodies = wait_completed(nodes, "model")
+        sent = origin.body_bytes.get("fleet-s5.bin", 0)
+        final = lease_row(cluster.dsn)
+    finally:
+        origin.faults.throttle_bps = None
+        stop_all(nodes)
+        cluster.stop()
+    print(f"\nscenario 5: PostgreSQL down {downtime:.1f} s at ~30%; {answered} API answers while "
+          f"down; origin bytes {sent_while_down / SIZE:.0%} by then, {sent} in all "
+          f"({sent / SIZE:.3f} x)")
+    assert answered >= 3
+    assert final is not None
+    assert final[2] == "complete"
+    expected = hashlib.sha256(data).hexdigest()
+    assert [digest(b["local_path"]) for b in bodies] == [expected] * 3
+    assert sent <= SIZE + 2 * PART
