@@ -28,6 +28,7 @@ __all__ = [
     "FleetSettings",
     "HubSettings",
     "ModelEntry",
+    "NetworkSettings",
     "PluginSettings",
     "Rate",
     "RateLimitSettings",
@@ -112,6 +113,13 @@ class SourcesSettings(_Section):
     huggingface: HubSettings = msgspec.field(default_factory=HubSettings)
 
 
+class NetworkSettings(_Section):
+    """How the downloader reaches origins. ``ca_bundle``: a PEM file (or a directory of hashed
+    certificates) trusted instead of the system store; see kernel/tls.py for the order."""
+
+    ca_bundle: str | None = None
+
+
 class PluginSettings(_Section):
     disable: list[str] = msgspec.field(default_factory=list)
 
@@ -170,6 +178,7 @@ class Settings(_Section):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
     sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
+    network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
     models: list[ModelEntry] = msgspec.field(default_factory=list)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)

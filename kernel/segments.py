@@ -5,7 +5,9 @@ resume and a restart of the server continue every segment where its confirmed by
 connection asks for ``Range: bytes=start+done-(end-1)`` with ``If-Range``; an origin that
 answers with anything but that exact range, or with another validator, restarts the whole
 download from zero (two versions of a file are never spliced). Writes are positional, into a
-``.part`` file sized up front (sparse), and ``done`` only grows once bytes are on disk.
+``.part`` file sized up front (sparse), and ``done`` only grows once bytes are on disk. Each
+segment's body goes through the transfer's byte loop (``fetch``: kernel/pump.py), the very
+loop a single-stream download uses.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from kernel.types import DownloadRecord, Source
 
 __all__ = ["plan_segments", "run_segments"]
 
-BLOCK = 1 << 20
+Fetch = Callable[[Any, list[int]], Awaitable[None]]  # (body, segment): its bytes to disk
 
 
 def plan_segments(size: int, connections: int) -> list[list[int]]:
@@ -30,18 +32,13 @@ def plan_segments(size: int, connections: int) -> list[list[int]]:
 
 
 async def run_segments(
-    rec: DownloadRecord,
-    source: Source,
-    validator: str | None,
-    *,
-    write_at: Callable[[int, memoryview], Awaitable[None]],
-    on_bytes: Callable[[int], Awaitable[None]],
+    rec: DownloadRecord, source: Source, validator: str | None, *, fetch: Fetch
 ) -> None:
     """Fetch every unfinished segment concurrently. The first failure stops the others and
     is raised; cancellation stops all of them before returning."""
     assert rec.segments is not None
     tasks = [
-        asyncio.create_task(_fetch(rec, seg, source, validator, write_at, on_bytes))
+        asyncio.create_task(_fetch(seg, source, validator, fetch))
         for seg in rec.segments
         if seg[2] < seg[1] - seg[0]
     ]
@@ -58,33 +55,14 @@ async def run_segments(
             raise task.exception()  # type: ignore[misc]
 
 
-async def _fetch(
-    rec: DownloadRecord,
-    seg: list[int],
-    source: Any,
-    validator: str | None,
-    write_at: Callable[[int, memoryview], Awaitable[None]],
-    on_bytes: Callable[[int], Awaitable[None]],
-) -> None:
+async def _fetch(seg: list[int], source: Any, validator: str | None, fetch: Fetch) -> None:
     start, end, _ = seg
     offset = start + seg[2]
     body = await source.open(offset, validator, end=end - 1)
     try:
         if body.start != offset or (validator and body.validator and body.validator != validator):
             raise ValidatorChanged("The origin stopped honouring the ranges of this file.")
-        buffer = bytearray(BLOCK)
-        while seg[2] < end - start:
-            want = memoryview(buffer)[: min(BLOCK, end - start - seg[2])]
-            if hasattr(body, "readinto"):
-                n = await body.readinto(want)
-                data = want[:n]
-            else:
-                n, data = await _next_chunk(body, want)
-            if n == 0:
-                break
-            await write_at(start + seg[2], data)
-            seg[2] += n
-            await on_bytes(n)
+        await fetch(body, seg)
     finally:
         await body.aclose()
     if seg[2] < end - start:
@@ -92,23 +70,6 @@ async def _fetch(
             f"A connection ended {end - start - seg[2]} bytes short of its range.",
             reason="short_body",
         )
-
-
-async def _next_chunk(body: Any, room: memoryview) -> tuple[int, memoryview]:
-    """One chunk from a chunks()-only body, copied into ``room`` (the rest is kept)."""
-    pending: bytes = getattr(body, "_segment_pending", b"")
-    if not pending:
-        iterator = getattr(body, "_segment_iter", None)
-        if iterator is None:
-            iterator = body._segment_iter = body.chunks().__aiter__()
-        try:
-            pending = await iterator.__anext__()
-        except StopAsyncIteration:
-            return 0, room[:0]
-    n = min(len(room), len(pending))
-    room[:n] = pending[:n]
-    body._segment_pending = pending[n:]
-    return n, room[:n]
 
 
 def preallocate(path: str, size: int) -> None:

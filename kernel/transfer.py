@@ -6,17 +6,25 @@ the ``.part`` file with ``Range`` + ``If-Range``; ``ValidatorChanged`` (or an or
 200 to a range request) restarts at byte 0 so two versions of a file are never spliced;
 ``PermanentError`` propagates to the manager, which fails the download.
 
+Bytes move in kernel/pump.py: a body that can be read off the loop (``readinto_blocking``,
+what http_source and hf_source return) is pumped into the ``.part`` file by a worker thread;
+any other body (``chunks()`` only) is gathered into blocks here. Single-stream and segmented
+downloads share both loops.
+
 Cancellation (pause, cancel, shutdown) is plain asyncio cancellation: it interrupts any await,
-and a disk write already handed to a worker thread is allowed to finish first, so the ``.part``
-file always ends on a chunk boundary the counters agree with.
+stops a pump (flag + socket shutdown) and waits for its thread, and a disk write already
+handed to a worker thread is allowed to finish first, so the ``.part`` file always ends on a
+block boundary the counters agree with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +42,7 @@ from kernel._files import (
 )
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
+from kernel.pump import FLUSH_S, Pump, is_blocking
 from kernel.segments import check_segments, plan_segments, preallocate, run_segments
 from kernel.throttle import TokenBucket
 from kernel.types import DownloadRecord, Probe, Source
@@ -42,8 +51,7 @@ __all__ = ["Transfer", "now_ms"]
 
 log = structlog.get_logger()
 
-WRITE_BLOCK = 4 << 20  # bytes gathered before one write() in a worker thread
-FLUSH_S = 0.25  # ...or after this long, so progress and pause lose nothing on slow links
+WRITE_BLOCK = 4 << 20  # bytes gathered before one write() (or after FLUSH_S on slow links)
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (1, 2, 3)
@@ -69,6 +77,7 @@ class Transfer:
         shared_bucket: TokenBucket | None = None,
         on_bytes: Callable[[int], None] = lambda _n: None,
         on_retry: Callable[[str], None] = lambda _reason: None,
+        on_block: Callable[[int, memoryview], None] | None = None,
     ) -> None:
         self.rec = record
         self.source = source
@@ -85,6 +94,9 @@ class Transfer:
         self._high_water = record.downloaded_bytes
         self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
         self._shared_bucket = shared_bucket
+        # Called in a worker thread after each block lands in the .part (offset, bytes): the
+        # seam for a tee of the byte stream. The view is only valid during the call.
+        self.on_block = on_block
 
     @property
     def expected_sha256(self) -> str | None:
@@ -110,6 +122,22 @@ class Transfer:
                 await self._discard_part()
             except TransientError as exc:
                 await self._backoff(exc)
+            except PermanentError as exc:
+                raise self._without_false_promise(exc) from exc.__cause__
+
+    def _without_false_promise(self, exc: PermanentError) -> PermanentError:
+        """A full disk's message says a later start continues from the partial file; that
+        holds only when the origin serves ranges. Otherwise say that it starts over."""
+        cause = exc.__cause__
+        if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
+            return exc
+        if self.probe is None or self.probe.accept_ranges:
+            return exc
+        directory = os.path.dirname(self.rec.local_path) or "."
+        return PermanentError(
+            f"The disk is full ({directory}): free some space, then start the download again. "
+            "This server does not support resuming, so it will start over from the beginning."
+        )
 
     async def _backoff(self, exc: TransientError) -> None:
         """Count a failure and wait before the next try. The count is of failures in a row
@@ -197,11 +225,12 @@ class Transfer:
         part = PartFile(rec.part_path, offset, hashing=self.expected_sha256 is not None)
         try:
             await part.hash_existing()
-            if hasattr(body, "readinto"):
-                await self._stream_blocks(body, part)
-            else:
-                await self._stream_chunks(body, part)
-            rec.downloaded_bytes = part.pos
+            pos = await self._pump(
+                body, part.fd, offset, limit=rec.total_bytes or None, hasher=part.hasher,
+                writeback=part.writeback,
+            )  # fmt: skip
+            part.pos = part.issued = pos
+            rec.downloaded_bytes = pos
             self.on_progress(rec)
             self._hasher = part.hasher
             await part.sync_and_close()
@@ -242,21 +271,17 @@ class Transfer:
         fd = await asyncio.to_thread(os.open, rec.part_path, os.O_WRONLY)
         writeback = Writeback(fd)
 
-        async def write_segment(pos: int, data: memoryview) -> None:
-            await write_at(fd, data, pos, rec.part_path)
-            writeback.wrote(len(data))
+        async def fetch(body: Any, seg: list[int]) -> None:
+            def written(n: int) -> None:
+                seg[2] += n  # only bytes on disk: a checkpoint resumes right after them
 
-        async def on_bytes(n: int) -> None:
-            rec.downloaded_bytes += n
-            self.transferred += n
-            self.on_bytes(n)
-            self.on_progress(rec)
-            await self._throttle(n)
+            start, end, done = seg
+            await self._pump(
+                body, fd, start + done, end=end, writeback=writeback, on_written=written
+            )
 
         try:
-            await run_segments(
-                rec, self.source, validator, write_at=write_segment, on_bytes=on_bytes
-            )
+            await run_segments(rec, self.source, validator, fetch=fetch)
             await writeback.sync()
         finally:
             os.close(fd)
@@ -273,73 +298,101 @@ class Transfer:
             return WRITE_BLOCK
         return min(WRITE_BLOCK, max(64 * 1024, int(min(caps) * FLUSH_S)))
 
-    async def _stream_blocks(self, body: Any, part: PartFile) -> None:
-        """The lean path: the source reads straight into one of two block buffers while the
-        other is written by a worker thread, so network and disk overlap with no per-chunk
-        objects in between."""
+    async def _pump(
+        self,
+        body: Any,
+        fd: int,
+        pos: int,
+        *,
+        end: int | None = None,
+        limit: int | None = None,
+        hasher: Any = None,
+        writeback: Writeback,
+        on_written: Callable[[int], None] | None = None,
+    ) -> int:
+        """Move ``body`` into ``fd`` from ``pos`` (up to ``end``); the position reached.
+        ``rec.downloaded_bytes`` and the transfer's counters follow as blocks land."""
         rec = self.rec
-        blocks = [bytearray(), bytearray()]  # sized to the read cap: a throttled transfer is small
-        which = 0
-        inflight: tuple[asyncio.Future[None], int] | None = None
-        try:
-            while True:
-                cap = self._read_cap()
-                if len(blocks[which]) < cap:
-                    blocks[which] = bytearray(cap)
-                view = memoryview(blocks[which])[:cap]
-                n = await body.readinto(view)
-                if n == 0:
-                    break
-                if rec.total_bytes and part.issued + n > rec.total_bytes:
-                    raise PermanentError(
-                        f"The server sent more bytes than the {rec.total_bytes} it announced."
-                    )
-                self.transferred += n
-                self.on_bytes(n)
-                if inflight is not None:
-                    pending, inflight = inflight, None  # completed once, even if cancelled
-                    await part.complete(*pending)
-                    rec.downloaded_bytes = part.pos
-                    self.on_progress(rec)
-                inflight = (part.submit(view[:n]), n)
-                which ^= 1
-                await self._throttle(n)
-        finally:
-            if inflight is not None:
-                await part.complete(*inflight)
-            rec.downloaded_bytes = part.pos
 
-    async def _stream_chunks(self, body: Any, part: PartFile) -> None:
-        """The general path for sources that only yield chunks: gather them into blocks."""
+        def progress(delta: int) -> None:
+            rec.downloaded_bytes += delta
+            self.transferred += delta
+            self.on_bytes(delta)
+            writeback.wrote(delta)
+            self.on_progress(rec)
+
+        if not is_blocking(body):
+            return await self._pump_chunks(
+                body, fd, pos, end=end, limit=limit, hasher=hasher, progress=progress,
+                on_written=on_written,
+            )  # fmt: skip
+        pump = Pump(
+            body, fd, rec.part_path, pos, end=end, limit=limit, block_size=self._read_cap,
+            throttle=self._throttle_blocking, hasher=hasher,
+            on_block=self.on_block, on_written=on_written,
+        )  # fmt: skip
+        await pump.run(progress)
+        return pump.pos
+
+    async def _pump_chunks(
+        self,
+        body: Any,
+        fd: int,
+        pos: int,
+        *,
+        end: int | None,
+        limit: int | None,
+        hasher: Any,
+        progress: Callable[[int], None],
+        on_written: Callable[[int], None] | None,
+    ) -> int:
+        """The loop for sources whose bodies only yield chunks: gather them into blocks, each
+        written by a worker thread."""
         rec = self.rec
         buffer = bytearray()
         flushed_at = time.monotonic()
+
+        async def flush() -> None:
+            nonlocal pos, flushed_at
+            data = bytes(buffer)
+            buffer.clear()
+            flushed_at = time.monotonic()
+            try:
+                await write_at(fd, memoryview(data), pos, rec.part_path)
+            except asyncio.CancelledError:
+                landed(data)  # a cancelled write is let land first: count it, once
+                raise
+            landed(data)
+
+        def landed(data: bytes) -> None:
+            nonlocal pos
+            if hasher is not None:
+                hasher.update(data)
+            if self.on_block is not None:
+                self.on_block(pos, memoryview(data))
+            if on_written is not None:
+                on_written(len(data))
+            pos += len(data)
+            progress(len(data))
+
+        bound = end if end is not None else limit
         try:
             async for chunk in body.chunks():
-                buffer += chunk
-                self.transferred += len(chunk)
-                await self._throttle(len(chunk))
-                if rec.total_bytes and part.issued + len(buffer) > rec.total_bytes:
+                if bound is not None and pos + len(buffer) + len(chunk) > bound:
                     raise PermanentError(
-                        f"The server sent more bytes than the {rec.total_bytes} it announced."
+                        f"The server sent more bytes than the {bound} it announced."
                     )
-                if len(buffer) >= WRITE_BLOCK or time.monotonic() - flushed_at >= FLUSH_S:
-                    self.on_bytes(len(buffer))
-                    block = bytes(buffer)
-                    buffer.clear()  # before the write: a cancelled write lands, never twice
-                    await part.write(block)
-                    flushed_at = time.monotonic()
-                    rec.downloaded_bytes = part.pos
-                    self.on_progress(rec)
+                buffer += chunk
+                await self._throttle(len(chunk))
+                if len(buffer) >= self._read_cap() or time.monotonic() - flushed_at >= FLUSH_S:
+                    await flush()
         except (asyncio.CancelledError, TransientError):
             if buffer:  # keep every byte received: a resume continues after them
-                self.on_bytes(len(buffer))
-                await part.write(bytes(buffer))
-            rec.downloaded_bytes = part.pos
+                await flush()
             raise
         if buffer:
-            self.on_bytes(len(buffer))
-            await part.write(bytes(buffer))
+            await flush()
+        return pos
 
     async def _check_free_space(self, needed: int) -> None:
         directory = os.path.dirname(self.rec.local_path) or "."
@@ -355,6 +408,13 @@ class Transfer:
             await self._own_bucket.consume(n)
         if self._shared_bucket is not None:
             await self._shared_bucket.consume(n)
+
+    def _throttle_blocking(self, n: int, stop: threading.Event) -> None:
+        """``_throttle`` for a pump's worker thread."""
+        if self.rec.max_bytes_per_second:
+            self._own_bucket.consume_blocking(n, stop)
+        if self._shared_bucket is not None:
+            self._shared_bucket.consume_blocking(n, stop)
 
     async def _already_present(self) -> bool:
         """A final file of the right size needs no transfer when it is known to be this

@@ -132,6 +132,7 @@ async def test_pause_and_resume_cover_every_shard(
     paused = (await client.get("/v1/downloads/tiny")).json()
     assert paused["status"] == "paused"
     parts = {f["path"]: f["downloaded_bytes"] for f in paused["files"]}
+    assert {f["status"] for f in paused["files"]} <= {"pending", "done"}  # nothing running
     assert sum(parts.values()) == paused["progress"]["downloaded_bytes"]
     for f in paused["files"]:  # every file's counter is what its .part holds
         on_disk = Path(f["local_path"] + ".part")

@@ -40,6 +40,8 @@ from kernel.errors import (
     TransientError,
     ValidatorChanged,
 )
+from kernel.pump import is_blocking
+from kernel.tls import tls_context, tls_failure
 from kernel.types import Body, Probe
 from plugins.hf_source._errors import check_hub_response
 from plugins.hf_source._ref import HubRef, has_glob, read_token_file
@@ -114,14 +116,26 @@ class _RepoInfo(msgspec.Struct):
 
 class HubBody:
     """The CDN's (or hub's) response body, with the LFS etag as its validator and the CDN's
-    signed query string kept out of error messages."""
+    signed query string kept out of error messages. A fast-path body (kernel.pump) stays one:
+    the kernel reads it in a worker thread."""
 
-    def __init__(self, inner: Body, validator: str | None, url: str) -> None:
+    def __init__(self, inner: Body, validator: str | None, url: str, owner: HttpSource) -> None:
         self._inner = inner
+        self._owner = owner
         self.start = inner.start
         self.total = inner.total
         self.validator = validator or inner.validator
         self._url = url
+        if is_blocking(inner):
+            self.readinto_blocking = self._readinto_blocking
+            self.interrupt = inner.interrupt  # type: ignore[attr-defined]
+
+    def _readinto_blocking(self, view: memoryview, flush_s: float) -> int:
+        try:
+            n: int = self._inner.readinto_blocking(view, flush_s)  # type: ignore[attr-defined]
+        except SourceError as exc:
+            _reraise_redacted(exc, self._url)
+        return n
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -131,7 +145,10 @@ class HubBody:
             _reraise_redacted(exc, self._url)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            await self._owner.aclose()
 
 
 class HubSource:
@@ -145,15 +162,17 @@ class HubSource:
         endpoint: str,
         token: str | None = None,
         stall_timeout_s: float = 30.0,
+        ca_bundle: str | None = None,
     ) -> None:
         self.ref = ref  # what the record keeps: the user's reference
+        self._ca_bundle = ca_bundle
         self.hub_ref = hub_ref
         self.endpoint = endpoint.rstrip("/")
         self._token = token
         self._token_looked_up = token is not None
         self._timeout = httpx.Timeout(connect=10.0, read=stall_timeout_s, write=30.0, pool=10.0)
+        self._stall = stall_timeout_s
         self._hub: httpx.AsyncClient | None = None
-        self._cdn: httpx.AsyncClient | None = None
         self._meta: _FileMeta | None = None
         self._listing: _RepoInfo | None = None  # the repository's files, once listed
         self._cdn_validators: dict[str, str] = {}  # CDN URL without query -> its own ETag
@@ -184,24 +203,15 @@ class HubSource:
             if token:
                 headers["authorization"] = f"Bearer {token}"
             self._hub = httpx.AsyncClient(
-                follow_redirects=False, timeout=self._timeout, headers=headers
-            )
+                follow_redirects=False, timeout=self._timeout, headers=headers,
+                verify=tls_context(self._ca_bundle),
+            )  # fmt: skip
         return self._hub
 
-    def _cdn_client(self) -> httpx.AsyncClient:
-        """Talks to the CDN: no credentials, redirects followed."""
-        if self._cdn is None:
-            self._cdn = httpx.AsyncClient(
-                follow_redirects=True, timeout=self._timeout,
-                headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
-            )  # fmt: skip
-        return self._cdn
-
     async def aclose(self) -> None:
-        for client in (self._hub, self._cdn):
-            if client is not None:
-                await client.aclose()
-        self._hub = self._cdn = None
+        if self._hub is not None:
+            await self._hub.aclose()
+        self._hub = None
 
     # -- the Source protocol -------------------------------------------------------------------
 
@@ -233,19 +243,30 @@ class HubSource:
         meta = await self._head(pinned)  # the pinned commit's file, and a fresh CDN location
         if expected is not None and meta.etag != expected:
             raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
+        headers = {"user-agent": USER_AGENT}
         if meta.location is None:  # a small (non-LFS) file: the hub serves it itself
-            url, client = pinned, await self._hub_client()
+            url = pinned
             if_range = expected if offset else None
-        else:
-            url, client = meta.location, self._cdn_client()
+            token = await self._token_value()
+            if token:  # dropped by the fast path if the hub redirects to another origin
+                headers["authorization"] = f"Bearer {token}"
+        else:  # the CDN: no credentials
+            url = meta.location
             if_range = self._cdn_validators.get(_without_query(url)) if offset else None
+        source = HttpSource(
+            url, headers=headers, stall_timeout_s=self._stall, ca_bundle=self._ca_bundle
+        )
         try:
-            inner = await HttpSource(url, client=client).open(offset, if_range)
+            inner = await source.open(offset, if_range)
         except SourceError as exc:
+            await source.aclose()
             _reraise_redacted(exc, url)
+        except BaseException:
+            await source.aclose()
+            raise
         if meta.location is not None and inner.validator:
             self._cdn_validators[_without_query(url)] = inner.validator
-        return HubBody(inner, expected, url)
+        return HubBody(inner, expected, url, source)
 
     # -- a repository reference plus a file name or pattern -------------------------------------
 
@@ -477,6 +498,9 @@ class HubSource:
         try:
             return await client.request(method, url)
         except httpx.TransportError as exc:
+            refused = tls_failure(exc, urlsplit(url).netloc)
+            if refused is not None:
+                raise refused from exc
             raise TransientError(
                 f"Network error ({type(exc).__name__}) while asking the hub at {self.endpoint} "
                 f"about {self.ref}: {exc or 'no detail'}",

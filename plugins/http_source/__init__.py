@@ -1,7 +1,9 @@
-"""http_source: fetches plain ``http://`` and ``https://`` URLs with httpx.
+"""http_source: fetches ``http://`` and ``https://`` URLs: probes with httpx, bodies on the
+fast path (a blocking socket read by the kernel's byte loop in a worker thread).
 
 Reads ``downloads.stall_timeout_s`` (the read timeout: no byte for that long is a transient
-fault). Redirects are followed; resumes use ``Range`` + ``If-Range``.
+fault) and ``network.ca_bundle`` (the CAs trusted for https, see kernel/tls.py). Redirects are
+followed; resumes use ``Range`` + ``If-Range``; HTTPS_PROXY/HTTP_PROXY/NO_PROXY are honoured.
 """
 
 from __future__ import annotations
@@ -18,4 +20,8 @@ __all__ = ["HttpSource", "resolve_source"]
 def resolve_source(ref: str, settings: Settings) -> Source | None:
     if not ref.lower().startswith(("http://", "https://")):
         return None
-    return HttpSource(ref, stall_timeout_s=settings.downloads.stall_timeout_s)
+    return HttpSource(
+        ref,
+        stall_timeout_s=settings.downloads.stall_timeout_s,
+        ca_bundle=settings.network.ca_bundle,
+    )

@@ -57,8 +57,8 @@ class HubRepo:
 class Hub(Origin):
     """The emulated hub; ``cdn`` is the Origin that serves LFS blobs."""
 
-    def __init__(self, cdn: Origin) -> None:
-        super().__init__()
+    def __init__(self, cdn: Origin, tls: object = None) -> None:
+        super().__init__(tls=tls)
         self.cdn = cdn
         self.tokens: set[str] = set()  # every token the hub knows
         self.repos: dict[str, HubRepo] = {}
