@@ -295,6 +295,13 @@ def test_split_metadata_is_read_from_every_shard(tmp_path: Path, shards: dict[st
     assert read_split(str(plain)) is None
     with pytest.raises(PermanentError, match="no split.count / split.no metadata"):
         check_split([str(plain), paths[1]])
+    hostile = tmp_path / "hostile-00001-of-00002.gguf"
+    hostile.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (1 << 62).to_bytes(8, "little"))
+    with pytest.raises(PermanentError, match=r"shard hostile-00001-of-00002.gguf: its header claims"):
+        check_split([str(hostile), paths[1]])
+    hostile.write_bytes(shards[list(shards)[0]][:200])  # cut inside the key/value header
+    with pytest.raises(PermanentError, match="its header ends early"):
+        check_split([str(hostile), paths[1]])
 
 
 def test_shard_names() -> None:
