@@ -20,6 +20,7 @@ block boundary the counters agree with.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import shutil
@@ -133,6 +134,22 @@ class Transfer:
                 await self._discard_part()
             except TransientError as exc:
                 await self._backoff(exc)
+            except PermanentError as exc:
+                raise self._without_false_promise(exc) from exc.__cause__
+
+    def _without_false_promise(self, exc: PermanentError) -> PermanentError:
+        """A full disk's message says a later start continues from the partial file; that
+        holds only when the origin serves ranges. Otherwise say that it starts over."""
+        cause = exc.__cause__
+        if not (isinstance(cause, OSError) and cause.errno == errno.ENOSPC):
+            return exc
+        if self.probe is None or self.probe.accept_ranges:
+            return exc
+        directory = os.path.dirname(self.rec.local_path) or "."
+        return PermanentError(
+            f"The disk is full ({directory}): free some space, then start the download again. "
+            "This server does not support resuming, so it will start over from the beginning."
+        )
 
     async def _backoff(self, exc: TransientError) -> None:
         """Count a failure and wait before the next try. The count is of failures in a row

@@ -8,11 +8,12 @@ the source was given a client of its own, or the origin sends it chunked."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -21,6 +22,7 @@ from kernel.errors import PermanentError, SourceError, TransientError, Validator
 from kernel.pump import run_in_thread
 from kernel.tls import tls_context, tls_failure
 from kernel.types import Probe
+from kernel.validation import http_url_problem
 from plugins.http_source._wire import CheckAddress, NeedsHttpx, Response, open_response
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = "modelkernel/0.1"
+MAX_REDIRECTS = 20
 
 
 def validator_of(response: httpx.Response | Response) -> str | None:
@@ -98,6 +101,32 @@ def _transport_error(exc: httpx.TransportError, url: str) -> SourceError:
     return TransientError(
         f"Network error ({kind}) while fetching {url}: {exc or 'no detail'}", reason="network"
     )
+
+
+@contextlib.contextmanager
+def _request_errors(url: str) -> Iterator[None]:
+    """httpx's request errors as source errors; a redirect loop or a redirect to a malformed
+    URL is permanent, with a message that says so."""
+    try:
+        yield
+    except httpx.TooManyRedirects as exc:
+        raise PermanentError(
+            f"Too many redirects from {url}: the server redirects in a loop "
+            f"(more than {MAX_REDIRECTS} hops)."
+        ) from exc
+    except httpx.UnsupportedProtocol as exc:
+        raise PermanentError(f"The server redirected {url} to a URL that is not http(s).") from exc
+    except httpx.TransportError as exc:
+        raise _transport_error(exc, url) from exc
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise PermanentError(f"The server redirected {url} to an invalid URL: {exc}.") from exc
+
+
+async def _check_hop(request: httpx.Request) -> None:
+    """Every request (each redirect hop too) goes to a well-formed URL."""
+    problem = http_url_problem(str(request.url))
+    if problem is not None:
+        raise PermanentError(f"The server redirected to a URL that cannot be fetched: {problem}")
 
 
 class HttpBody:
@@ -193,21 +222,21 @@ class HttpSource:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 follow_redirects=True,
+                max_redirects=MAX_REDIRECTS,
                 timeout=self._timeout,
                 headers=self._headers,
                 verify=tls_context(self._ca_bundle),
+                event_hooks={"request": [_check_hop]},
             )
         return self._client
 
     async def probe(self) -> Probe:
-        try:
+        with _request_errors(self.url):
             response = await self.client.head(self.url)
             if response.status_code in (405, 501) or (
                 response.status_code < 400 and "content-length" not in response.headers
             ):
                 response = await self._probe_with_get()
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, self.url) from exc
         raise_for_status(response, self.url)
         size: int | None = None
         if response.status_code == 206:
@@ -294,10 +323,8 @@ class HttpSource:
 
     async def _open_httpx(self, url: str, headers: dict[str, str], offset: int) -> HttpBody:
         request = self.client.build_request("GET", url, headers=headers)
-        try:
+        with _request_errors(self.url):
             response = await self.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, self.url) from exc
         try:
             self._check_body_status(response.status_code, response.headers, offset, url)
             start, total = self._span(response.status_code, response.headers, url, offset)
