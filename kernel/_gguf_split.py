@@ -49,7 +49,7 @@ def shard_name(path: str) -> ShardName | None:
 def _read(f: BinaryIO, n: int) -> bytes:
     data = f.read(n)
     if len(data) != n:
-        raise ValueError("the header ends early")
+        raise ValueError("its header ends early")
     return data
 
 
@@ -60,7 +60,7 @@ def _u64(f: BinaryIO) -> int:
 def _skip_string(f: BinaryIO, size: int) -> None:
     length = _u64(f)
     if length > size:
-        raise ValueError("a string is longer than the file")
+        raise ValueError("a string in its header is longer than the file")
     f.seek(length, os.SEEK_CUR)
 
 
@@ -73,14 +73,14 @@ def _skip_value(f: BinaryIO, kind: int, size: int) -> None:
         item = int(struct.unpack("<I", _read(f, 4))[0])
         count = _u64(f)
         if count > size:
-            raise ValueError("an array is longer than the file")
+            raise ValueError("an array in its header is longer than the file")
         if item in _FIXED:
             f.seek(_FIXED[item] * count, os.SEEK_CUR)
         else:
             for _ in range(count):
                 _skip_value(f, item, size)
     else:
-        raise ValueError(f"unknown value type {kind}")
+        raise ValueError(f"its header has a value of unknown type {kind}")
 
 
 def read_split(path: str) -> tuple[int, int] | None:
@@ -97,11 +97,11 @@ def read_split(path: str) -> tuple[int, int] | None:
         _u64(f)  # tensor count
         kv_count = _u64(f)
         if kv_count > MAX_KV:
-            raise ValueError(f"{kv_count} keys")
+            raise ValueError(f"its header claims {kv_count} keys")
         for _ in range(kv_count):
             length = _u64(f)
             if length > 65535:
-                raise ValueError("a key is too long")
+                raise ValueError("a key in its header is too long")
             key = _read(f, length).decode("utf-8", "replace")
             kind = int(struct.unpack("<I", _read(f, 4))[0])
             if key in ("split.no", "split.count") and kind in _INT_FORMATS:

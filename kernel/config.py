@@ -157,6 +157,7 @@ class FleetSettings(_Section):
     lease_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
     heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
     poll_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+    listen: bool = True  # LISTEN/NOTIFY; false behind poolers that drop it (PgBouncer)
 
 
 class S3CacheSettings(_Section):

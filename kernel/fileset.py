@@ -147,6 +147,9 @@ class FileSetTransfer:
         log.info("download.file_started", path=f.path, offset=f.downloaded_bytes)
         try:
             await transfer.run()
+        except BaseException:
+            f.status = "pending"  # stopped or failed: it continues from its .part next run
+            raise
         finally:
             del self._running[f.path]
             self._copy(f, child)

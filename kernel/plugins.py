@@ -36,6 +36,7 @@ BUILTINS: dict[str, str] = {
     "http_source": "plugins.http_source",
     "sqlite_store": "plugins.sqlite_store",
     "pg_store": "plugins.pg_store",
+    "s3_cache": "plugins.s3_cache",
     "engine_llamacpp": "plugins.engine_llamacpp",
 }
 

@@ -106,6 +106,24 @@ async def test_a_pattern_matching_a_split_gguf_downloads_every_shard_as_one_mode
     assert "files" not in listing["active_downloads"][0]  # the list keeps Kolosal's summary
 
 
+async def test_a_startup_download_of_a_split_model_builds_its_engine_from_the_first_shard(
+    client: Any, hub: Hub, shards: dict[str, bytes]
+) -> None:
+    pytest.importorskip("llama_cpp")
+    hub.add_repo("owner/split", shards)
+    created = await create(
+        client, "tiny", f"hf://owner/split/{STEM}-*.gguf", engine_creation={"main_gpu_id": 0}
+    )
+    assert created["download_type"] == "startup"
+    done = await wait_status(client, "tiny", "completed", "failed")
+    assert done["status"] == "completed", done
+    response = await client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 4}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"].strip()
+
+
 async def test_a_reference_naming_one_shard_or_a_glob_pulls_the_whole_set(
     client: Any, hub: Hub, tmp_path: Path, shards: dict[str, bytes]
 ) -> None:
@@ -132,6 +150,7 @@ async def test_pause_and_resume_cover_every_shard(
     paused = (await client.get("/v1/downloads/tiny")).json()
     assert paused["status"] == "paused"
     parts = {f["path"]: f["downloaded_bytes"] for f in paused["files"]}
+    assert {f["status"] for f in paused["files"]} <= {"pending", "done"}  # nothing running
     assert sum(parts.values()) == paused["progress"]["downloaded_bytes"]
     for f in paused["files"]:  # every file's counter is what its .part holds
         on_disk = Path(f["local_path"] + ".part")
@@ -294,6 +313,13 @@ def test_split_metadata_is_read_from_every_shard(tmp_path: Path, shards: dict[st
     assert read_split(str(plain)) is None
     with pytest.raises(PermanentError, match="no split.count / split.no metadata"):
         check_split([str(plain), paths[1]])
+    hostile = tmp_path / "hostile-00001-of-00002.gguf"
+    hostile.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (1 << 62).to_bytes(8, "little"))
+    with pytest.raises(PermanentError, match=r"shard hostile-00001-of-00002.gguf: its header claims"):
+        check_split([str(hostile), paths[1]])
+    hostile.write_bytes(shards[list(shards)[0]][:200])  # cut inside the key/value header
+    with pytest.raises(PermanentError, match="its header ends early"):
+        check_split([str(hostile), paths[1]])
 
 
 def test_shard_names() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,7 +28,7 @@ from kernel.api.deps import KernelDep
 from kernel.config import PluginSettings, Settings
 from kernel.core import Kernel
 from kernel.errors import InvalidRequest
-from kernel.plugins import make_plugin_manager
+from kernel.plugins import BUILTINS, make_plugin_manager
 from kernel.types import TERMINAL, DownloadRecord, DownloadStatus, Event
 from plugins.http_source import HttpSource
 from tests.helpers.fakes import (
@@ -169,8 +170,12 @@ def test_each_plugin_manager_is_fresh() -> None:
     first = make_plugin_manager(load_entrypoints=False, extra=[EventRecorder()])
     second = make_plugin_manager(load_entrypoints=False)
     assert first is not second
-    assert len(first.hook.on_event.get_hookimpls()) == 1
-    assert second.hook.on_event.get_hookimpls() == []
+
+    def added(pm: Any) -> list[Any]:  # builtins (s3_cache observes events) aside
+        return [i for i in pm.hook.on_event.get_hookimpls() if i.plugin_name not in BUILTINS]
+
+    assert len(added(first)) == 1
+    assert added(second) == []
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -385,3 +390,26 @@ async def test_plugin_routes_are_served_by_the_app(settings: Settings) -> None:
         assert "http_source" in body["plugins"]
         assert (await client.get("/health")).status_code == 200
     assert not kernel.started
+
+
+def test_without_the_fleet_config_nothing_of_the_fleet_extra_is_imported(tmp_path: Path) -> None:
+    """pg_store and s3_cache are builtins, but a node without store/cache config never
+    imports psycopg: the [fleet] extra is needed only by nodes that use it."""
+    code = (
+        "import asyncio, sys\n"
+        "from kernel.config import Settings, StorageSettings\n"
+        "from kernel.core import Kernel\n"
+        f"s = Settings(storage=StorageSettings(models_dir={str(tmp_path / 'm')!r},"
+        f" state_dir={str(tmp_path / 's')!r}))\n"
+        "async def main():\n"
+        "    k = Kernel(s, load_entrypoints=False)\n"
+        "    await k.start()\n"
+        "    await k.stop()\n"
+        "asyncio.run(main())\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

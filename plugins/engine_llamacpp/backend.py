@@ -208,6 +208,7 @@ class LlamaCppEngine:
         # (answered, dropped from the queue, or stopped mid-way because the caller left).
         self.requests = {"queued": 0, "completed": 0, "dropped": 0, "stopped": 0}
         self.busy = False  # whether the worker is running a request (set by the worker)
+        self.last_stop_seconds: float | None = None  # caller left -> work ended (worker)
 
     @property
     def state(self) -> str:
@@ -238,7 +239,11 @@ class LlamaCppEngine:
         facts["main_gpu"] = self.kwargs.get("main_gpu")
         facts["logits_all"] = bool(self.kwargs.get("logits_all", False))
         facts["load_seconds"] = self.load_seconds
-        facts["requests"] = dict(self.requests, running=self.busy)
+        facts["requests"] = {
+            **self.requests,
+            "running": self.busy,
+            "last_stop_seconds": self.last_stop_seconds,
+        }
         return facts
 
     async def load(self) -> Any:
@@ -280,6 +285,7 @@ class LlamaCppEngine:
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
+        cancelled_at = [0.0]  # when the reader went away (perf_counter)
 
         def put(kind: str, item: Any = None) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody reads
@@ -300,6 +306,9 @@ class LlamaCppEngine:
             except Exception as exc:  # noqa: BLE001 - the reader raises it in its own task
                 put("error", exc)
             finally:
+                if cancelled.is_set() and cancelled_at[0]:
+                    # how long the work ran on after its caller left: at most one token
+                    self.last_stop_seconds = time.perf_counter() - cancelled_at[0]
                 self.busy = False
                 put("end")
 
@@ -322,6 +331,7 @@ class LlamaCppEngine:
                 else:
                     yield item
         finally:
+            cancelled_at[0] = time.perf_counter()
             cancelled.set()
             if not started:
                 stats["queued"] -= 1

@@ -121,6 +121,7 @@ class Origin:
         self.host = host  # the name in base_url (the server listens on 127.0.0.1)
         self.faults = Faults()
         self.requests: list[RequestLog] = []
+        self.body_bytes: dict[str, int] = {}  # file name -> body bytes sent (every GET)
         self._files: dict[str, _File] = {}
         self._redirects: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
@@ -254,7 +255,7 @@ class Origin:
         gone = asyncio.ensure_future(_disconnected(receive))  # cancelled by stop()
         self._watchers.add(gone)
         try:
-            await self._stream(reply.body, send, gone)
+            await self._stream(reply.body, send, gone, path.removeprefix("/"))
         finally:
             gone.cancel()
             self._watchers.discard(gone)
@@ -301,7 +302,9 @@ class Origin:
             out.append(("content-length", str(len(body))))
         return _Reply(status, out, body, stream=True)
 
-    async def _stream(self, body: bytes, send: Send, gone: asyncio.Future[None]) -> None:
+    async def _stream(
+        self, body: bytes, send: Send, gone: asyncio.Future[None], name: str = ""
+    ) -> None:
         pos = 0
         while pos < len(body) and not gone.done():
             bps = self.faults.throttle_bps
@@ -309,6 +312,8 @@ class Origin:
             end, fault = self._claim_fault(pos, min(pos + step, len(body)))
             await send({"type": "http.response.body", "body": body[pos:end], "more_body": True})
             sent, pos = end - pos, end
+            with self._lock:
+                self.body_bytes[name] = self.body_bytes.get(name, 0) + sent
             if fault in ("drop_after", "short_body", "cut_every_after"):
                 raise _Abort(fault)
             if fault == "stall_after":
