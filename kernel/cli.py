@@ -422,6 +422,9 @@ def _show(client: Client, args: argparse.Namespace) -> int:
         how = "at once" if engine.load_immediately else "on first use"
         name = engine.inference_engine if isinstance(engine.inference_engine, str) else "engine"
         lines.append(("engine", f"{name} on GPU {engine.main_gpu_id}, loads {how}"))
+    for f in d.files if isinstance(d.files, list) else []:
+        size = _size(f.total_bytes) if f.total_bytes else "?"
+        lines.append(("file", f"{f.path} {f.status} {f.percentage:.1f}% of {size}"))
     width = max(len(label) for label, _ in lines) + 1
     for label, value in lines:
         _out(f"{(label + ':').ljust(width)} {value}")

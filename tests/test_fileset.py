@@ -106,6 +106,24 @@ async def test_a_pattern_matching_a_split_gguf_downloads_every_shard_as_one_mode
     assert "files" not in listing["active_downloads"][0]  # the list keeps Kolosal's summary
 
 
+async def test_a_startup_download_of_a_split_model_builds_its_engine_from_the_first_shard(
+    client: Any, hub: Hub, shards: dict[str, bytes]
+) -> None:
+    pytest.importorskip("llama_cpp")
+    hub.add_repo("owner/split", shards)
+    created = await create(
+        client, "tiny", f"hf://owner/split/{STEM}-*.gguf", engine_creation={"main_gpu_id": 0}
+    )
+    assert created["download_type"] == "startup"
+    done = await wait_status(client, "tiny", "completed", "failed")
+    assert done["status"] == "completed", done
+    response = await client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 4}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"].strip()
+
+
 async def test_a_reference_naming_one_shard_or_a_glob_pulls_the_whole_set(
     client: Any, hub: Hub, tmp_path: Path, shards: dict[str, bytes]
 ) -> None:

@@ -8,6 +8,7 @@ shard (it finds the others beside it).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -87,6 +88,12 @@ def test_a_split_model_is_pulled_through_a_kill_9_and_answers_a_completion(
             assert name in err
         for name, data in shards.items():
             assert (server.models_dir / MODEL_ID / name).read_bytes() == data, name
+        show = subprocess.run(
+            [sys.executable, "-m", "kernel.cli", "show", MODEL_ID, "--server", server.url],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        for name in shards:  # show lists every file
+            assert re.search(rf"^file:\s+{re.escape(name)} done 100\.0% of", show.stdout, re.M)
         ranges = [r.headers.get("range", "") for r in origin.requests if r.method == "GET"]
         assert any(r.startswith("bytes=") and not r.startswith("bytes=0-") for r in ranges)
 
