@@ -133,7 +133,9 @@ class Pump:
         self.on_block = on_block
         self.on_written = on_written
         self.stop = threading.Event()
-        self._published = pos
+        self._lock = threading.Lock()  # guards end and _reserved (see cut)
+        self._reserved = pos  # the end of the block being written now
+        self.published = pos
         self._pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_progress: Callable[[int], None] = lambda _n: None
@@ -154,12 +156,23 @@ class Pump:
         finally:
             self._publish()
 
+    def cut(self, at: int) -> int:
+        """Make the pump stop at ``at`` instead of its end (or after the block it is writing
+        now, if that reaches further); the offset it will stop at. Thread-safe: bytes of the
+        block being read that fall past the cut are dropped (the new segment fetches them)."""
+        with self._lock:
+            at = max(at, self._reserved)
+            if self.end is not None:
+                at = min(at, self.end)
+            self.end = at
+            return at
+
     def _publish(self) -> None:
         """On the loop: report the bytes written since the last report."""
         self._pending = False
-        delta = self.pos - self._published
+        delta = self.pos - self.published
         if delta:
-            self._published += delta
+            self.published += delta
             self._on_progress(delta)
 
     def _work(self) -> None:
@@ -168,11 +181,12 @@ class Pump:
         last_publish = time.monotonic()
         body, stop = self.body, self.stop
         while not stop.is_set():
-            want = self.block_size()
-            if self.end is not None:
-                want = min(want, self.end - self.pos)
-                if want <= 0:
-                    return
+            with self._lock:
+                want = self.block_size()
+                if self.end is not None:
+                    want = min(want, self.end - self.pos)
+                    if want <= 0:
+                        return
             if len(buffer) < want:
                 view.release()
                 buffer = bytearray(want)
@@ -185,7 +199,13 @@ class Pump:
                 raise PermanentError(
                     f"The server sent more bytes than the {self.limit} it announced."
                 )
-            self._write(block[:n])
+            with self._lock:  # a cut while this block was read keeps only what is ours
+                keep = n if self.end is None else max(0, min(n, self.end - self.pos))
+                self._reserved = self.pos + keep
+            if keep:
+                self._write(block[:keep])
+            if keep < n:
+                return  # the rest belongs to the segment cut from this one
             now = time.monotonic()
             if now - last_publish >= FLUSH_S and not self._pending:
                 last_publish = now

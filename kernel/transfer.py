@@ -43,7 +43,14 @@ from kernel._files import (
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
 from kernel.pump import FLUSH_S, Pump, is_blocking
-from kernel.segments import check_segments, plan_segments, preallocate, run_segments
+from kernel.segments import (
+    Spawn,
+    check_segments,
+    cut_segment,
+    plan_segments,
+    preallocate,
+    run_segments,
+)
 from kernel.throttle import TokenBucket
 from kernel.types import DownloadRecord, Probe, Source
 
@@ -53,6 +60,10 @@ log = structlog.get_logger()
 
 WRITE_BLOCK = 4 << 20  # bytes gathered before one write() (or after FLUSH_S on slow links)
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
+# Adaptive segmenting (kernel/segments.py): one connection first; more only when it is slow.
+PROBE_S = 1.0  # throughput is measured over windows this long
+SPLIT_BELOW_BPS = 128 << 20  # one connection faster than this is a fast link: never split
+SPLIT_GAIN = 1.3  # two connections must beat one by this much before going to `connections`
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (1, 2, 3)
 # The disk layer: a seam for fault-injection tests (a full disk).
@@ -94,6 +105,7 @@ class Transfer:
         self._high_water = record.downloaded_bytes
         self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
         self._shared_bucket = shared_bucket
+        self._pumps: dict[int, Pump] = {}  # id(segment) -> the pump fetching it now
         # Called in a worker thread after each block lands in the .part (offset, bytes): the
         # seam for a tee of the byte stream. The view is only valid during the call.
         self.on_block = on_block
@@ -123,7 +135,13 @@ class Transfer:
             except TransientError as exc:
                 await self._backoff(exc)
             except PermanentError as exc:
-                raise self._without_false_promise(exc) from exc.__cause__
+                if not _out_of_descriptors(exc.__cause__):
+                    raise self._without_false_promise(exc) from exc.__cause__
+                await self._backoff(_descriptors_error(exc.__cause__))
+            except OSError as exc:
+                if not _out_of_descriptors(exc):
+                    raise
+                await self._backoff(_descriptors_error(exc))
 
     def _without_false_promise(self, exc: PermanentError) -> PermanentError:
         """A full disk's message says a later start continues from the partial file; that
@@ -262,7 +280,7 @@ class Transfer:
         validator = rec.validator or probe.validator
         if rec.segments is None or part_size != rec.total_bytes:
             await self._check_free_space(rec.total_bytes)
-            rec.segments = plan_segments(rec.total_bytes, self.settings.connections)
+            rec.segments = plan_segments(rec.total_bytes, 1)  # split later if one is slow
             await asyncio.to_thread(preallocate, rec.part_path, rec.total_bytes)
         check_segments(rec)
         rec.validator = validator
@@ -276,18 +294,77 @@ class Transfer:
                 seg[2] += n  # only bytes on disk: a checkpoint resumes right after them
 
             start, end, done = seg
-            await self._pump(
-                body, fd, start + done, end=end, writeback=writeback, on_written=written
-            )
+            try:
+                await self._pump(
+                    body, fd, start + done, end=end, writeback=writeback, on_written=written,
+                    on_pump=lambda pump: self._pumps.__setitem__(id(seg), pump),
+                )  # fmt: skip
+            finally:
+                self._pumps.pop(id(seg), None)
 
+        split = self._split_when_slow if len(rec.segments) == 1 else None
         try:
-            await run_segments(rec, self.source, validator, fetch=fetch)
+            await run_segments(rec, self.source, validator, fetch=fetch, split=split)
             await writeback.sync()
         finally:
             os.close(fd)
         rec.segments = None  # complete: from here on the .part is one whole file
         self._hasher = None
         return await self._finish(rec.total_bytes)
+
+    async def _split_when_slow(self, spawn: Spawn) -> None:
+        """The splitting policy: measure the one connection; if it is slow, try two; if two
+        are clearly faster (the origin limits each connection), go to ``connections``."""
+        target = self.settings.connections
+        if target <= 1:
+            return
+        one = await self._rate_over(PROBE_S)
+        if one >= SPLIT_BELOW_BPS or not self._split_to(2, spawn):
+            return
+        two = await self._rate_over(PROBE_S)
+        log.info("download.split_probe", one_bps=int(one), two_bps=int(two))
+        if two >= SPLIT_GAIN * one and target > 2:
+            self._split_to(target, spawn)
+
+    def _live_bytes(self) -> int:
+        """Bytes on disk in this run, including blocks the loop has not been told of yet."""
+        return self.transferred + sum(p.pos - p.published for p in self._pumps.values())
+
+    async def _rate_over(self, seconds: float) -> float:
+        """Bytes per second over ``seconds``, counted from the first byte that comes."""
+        first = self._live_bytes()
+        while self._live_bytes() == first:  # noqa: ASYNC110 - counters moved by threads
+            await asyncio.sleep(0.02)
+        loop = asyncio.get_running_loop()
+        start, began = self._live_bytes(), loop.time()
+        await asyncio.sleep(seconds)
+        return (self._live_bytes() - start) / max(loop.time() - began, 1e-3)
+
+    def _split_to(self, connections: int, spawn: Spawn) -> bool:
+        """Cut the running ranges so ``connections`` run, the new pieces shared out by how
+        much each range has left. True when anything was split."""
+        rec = self.rec
+        assert rec.segments is not None
+        running = [s for s in rec.segments if id(s) in self._pumps and s[2] < s[1] - s[0]]
+        extra = connections - sum(1 for s in rec.segments if s[2] < s[1] - s[0])
+        if extra <= 0 or not running:
+            return False
+        left = {id(s): s[1] - self._pumps[id(s)].pos for s in running}
+        total, wanted = sum(left.values()) or 1, extra
+        split = False
+        for seg in sorted(running, key=lambda s: -left[id(s)]):
+            pieces = 1 + max(1, round(wanted * left[id(seg)] / total))
+            pump = self._pumps[id(seg)]
+            new = cut_segment(rec, seg, pump.cut, pump.pos, min(pieces, 1 + extra))
+            for piece in new:
+                spawn(piece)
+            extra -= len(new)
+            split = split or bool(new)
+            if extra <= 0:
+                break
+        if split:
+            log.info("download.split", connections=len(rec.segments))
+        return split
 
     def _read_cap(self) -> int:
         """Bytes to read before throttling: a flush interval's worth of the tightest cap,
@@ -309,6 +386,7 @@ class Transfer:
         hasher: Any = None,
         writeback: Writeback,
         on_written: Callable[[int], None] | None = None,
+        on_pump: Callable[[Pump], None] | None = None,
     ) -> int:
         """Move ``body`` into ``fd`` from ``pos`` (up to ``end``); the position reached.
         ``rec.downloaded_bytes`` and the transfer's counters follow as blocks land."""
@@ -331,6 +409,8 @@ class Transfer:
             throttle=self._throttle_blocking, hasher=hasher,
             on_block=self.on_block, on_written=on_written,
         )  # fmt: skip
+        if on_pump is not None:
+            on_pump(pump)
         await pump.run(progress)
         return pump.pos
 
@@ -488,3 +568,16 @@ class Transfer:
             raise PermanentError(
                 f"The downloaded file is not a valid GGUF model ({problem}); it was removed."
             )
+
+
+def _out_of_descriptors(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def _descriptors_error(exc: BaseException | None) -> TransientError:
+    """Running out of file descriptors passes (connections close): retried, never fatal."""
+    detail = exc.strerror if isinstance(exc, OSError) else None
+    return TransientError(
+        f"Out of file descriptors ({detail or 'too many open files'}); retrying.",
+        reason="fd_limit",
+    )

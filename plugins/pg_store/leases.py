@@ -278,6 +278,12 @@ class Lease:
             time.monotonic() - self._renewed_at < self.manager.lease_s
         )
 
+    def check(self) -> None:
+        """Raise LeaseLost unless the lease is still ``valid`` (the holder must stop)."""
+        if not self.valid:
+            self._lose("not renewed within the lease time")
+            raise LeaseLost(f"The lease of {self.key} was lost.")
+
     def _lose(self, why: str) -> None:
         if not self.lost.is_set():
             log.warning("lease.lost", file_key=self.key, token=self.token, why=why)

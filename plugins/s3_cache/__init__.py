@@ -87,6 +87,8 @@ def on_event(event: Event) -> Any:
 
     async def tell() -> None:
         for fleet in list(_fleets.values()):
+            if not rec.local_path.startswith(fleet.models_dir + os.sep):
+                continue  # another kernel's download (several kernels in one process)
             try:
                 if rec.status == "cancelled":
                     await fleet.forget(rec.url, rec.model_id)

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -52,6 +53,7 @@ class Fleet:
         assert s3 is not None
         fleet = settings.fleet
         self.node_id = node_id
+        self.models_dir = str(Path(settings.storage.models_dir).resolve())
         self.part_size = s3.part_size
         self.prefix = s3.prefix
         self.leases = LeaseManager(
@@ -60,6 +62,7 @@ class Fleet:
             lease_s=fleet.lease_s,
             heartbeat_s=fleet.heartbeat_s,
             poll_s=fleet.poll_s,
+            listen=fleet.listen,
         )
         access, secret = env.get(s3.access_key_env), env.get(s3.secret_key_env)
         if not access or not secret:
@@ -171,10 +174,12 @@ class _Tee:
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
-        if not self.lease.valid:
+        try:
+            self.lease.check()
+        except LeaseLost as exc:
             raise TransientError(
                 "Another node took over the fleet's fetch of this file.", reason="lease_lost"
-            )
+            ) from exc
 
     async def feed(self, data: bytes) -> None:
         self._check()
@@ -212,7 +217,11 @@ class _Tee:
         self._check()
         return [self.parts[n] for n in sorted(self.parts)]
 
-    async def cancel(self) -> None:
+    async def settle(self, within: float) -> None:
+        """Let the parts already cut finish uploading (a successor keeps them), up to
+        ``within`` seconds; then cancel what is left."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=within)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -427,7 +436,7 @@ class FleetSource:
         except (StoreError, S3Error) as exc:
             raise TransientError(f"The fleet's cache failed: {exc}") from exc
         finally:
-            await tee.cancel()
+            await tee.settle(0.0 if completed or not lease.valid else 5.0)
             await origin.aclose()
             if not completed:
                 await lease.release()
