@@ -151,6 +151,11 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve(settings: Settings) -> int:
     from kernel.api.app import create_app
     from kernel.core import Kernel
+    from kernel.serving import RateLimitedErrors, raise_nofile_limit, server_config
+
+    # One repeated loop error (accept() failing with EMFILE) is logged once per interval.
+    asyncio.get_running_loop().set_exception_handler(RateLimitedErrors())
+    raise_nofile_limit()
 
     try:
         kernel = Kernel(settings)
@@ -159,13 +164,8 @@ async def _serve(settings: Settings) -> int:
         print(f"modelkernel: {exc.message}", file=sys.stderr)  # noqa: T201
         return 1
     app = create_app(kernel)
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=1,
+    config = server_config(
+        app, settings.server, log_config=None, access_log=False, timeout_graceful_shutdown=1
     )
     server = _Server(config, on_exit=app.state.event_streams.close)
     log.info("server.listening", host=settings.server.host, port=settings.server.port)

@@ -59,6 +59,10 @@ class ServerSettings(_Section):
     # Host header names accepted besides loopback ones while bound to loopback (DNS rebinding);
     # ".example.com" also matches its subdomains, "*" turns the check off.
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Open connections at most (a new one past it closes the longest-idle one; kernel/serving.py)
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+    # Seconds a new connection has to send its request head before it is closed
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class StorageSettings(_Section):

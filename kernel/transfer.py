@@ -148,7 +148,13 @@ class Transfer:
             except TransientError as exc:
                 await self._backoff(exc)
             except PermanentError as exc:
-                raise self._without_false_promise(exc) from exc.__cause__
+                if not _out_of_descriptors(exc.__cause__):
+                    raise self._without_false_promise(exc) from exc.__cause__
+                await self._backoff(_descriptors_error(exc.__cause__))
+            except OSError as exc:
+                if not _out_of_descriptors(exc):
+                    raise
+                await self._backoff(_descriptors_error(exc))
 
     def _without_false_promise(self, exc: PermanentError) -> PermanentError:
         """A full disk's message says a later start continues from the partial file; that
@@ -578,3 +584,16 @@ class Transfer:
             raise PermanentError(
                 f"The downloaded file is not a valid GGUF model ({problem}); it was removed."
             )
+
+
+def _out_of_descriptors(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def _descriptors_error(exc: BaseException | None) -> TransientError:
+    """Running out of file descriptors passes (connections close): retried, never fatal."""
+    detail = exc.strerror if isinstance(exc, OSError) else None
+    return TransientError(
+        f"Out of file descriptors ({detail or 'too many open files'}); retrying.",
+        reason="fd_limit",
+    )
