@@ -16,6 +16,7 @@ __all__ = [
     "ACTIVE",
     "STATUSES",
     "TERMINAL",
+    "BlockingBody",
     "Body",
     "DownloadCreated",
     "DownloadProgress",
@@ -30,8 +31,11 @@ __all__ = [
     "FileRecord",
     "FileSetSource",
     "GpuInfo",
+    "NamedSource",
+    "PickingSource",
     "Piece",
     "Probe",
+    "RangedSource",
     "RemoteFile",
     "Sampling",
     "Source",
@@ -180,10 +184,70 @@ class Source(Protocol):
 
     async def open(self, offset: int, validator: str | None) -> Body:
         """Open the body at ``offset``; with a validator, only if the file is still that one
-        (If-Range). Raises TransientError / PermanentError / ValidatorChanged.
+        (If-Range). Raises TransientError / PermanentError / ValidatorChanged."""
+        ...
 
-        A source that sets ``supports_segments = True`` also accepts ``end=`` (the last byte,
-        inclusive) so the kernel can fetch a large file over several connections."""
+    async def aclose(self) -> None: ...
+
+
+# --- optional capabilities of a Source (and its bodies) -----------------------------------
+# A source declares one by having its members; the kernel checks with isinstance against
+# these Protocols and never probes for anything else. A class may also list them as bases
+# (``class MySource(RangedSource, NamedSource)``) so that mypy checks the signatures.
+
+
+@runtime_checkable
+class RangedSource(Protocol):
+    """A Source that can fetch one byte range, so a large file comes over several
+    connections at once (segmented) when ``supports_segments`` is True."""
+
+    supports_segments: bool
+
+    async def open(self, offset: int, validator: str | None, end: int | None = None) -> Body:
+        """As ``Source.open``, stopping after byte ``end`` (inclusive) when it is given."""
+        ...
+
+
+@runtime_checkable
+class NamedSource(Protocol):
+    """A Source that knows the file's name before probing it (the last part of a URL path, a
+    file in a repository); the download is saved under it when the request names none."""
+
+    @property
+    def filename(self) -> str | None: ...
+
+
+@runtime_checkable
+class PickingSource(Protocol):
+    """A Source whose reference may name several files (a repository) and that picks one
+    with the request's ``filename`` (a name or a glob). After ``resolve_filename``, ``ref``
+    names that one file; the kernel records it."""
+
+    ref: str
+
+    async def resolve_filename(self, filename: str | None) -> str | None:
+        """The file name to save the chosen file under (None: the kernel picks one). Raises
+        InvalidRequest(param="filename") when nothing or more than one file matches."""
+        ...
+
+
+@runtime_checkable
+class BlockingBody(Protocol):
+    """A body that can be read off the event loop (the fast path, kernel.pump): the kernel
+    reads it from a worker thread straight into its block buffer."""
+
+    start: int
+    total: int | None
+    validator: str | None
+
+    def readinto_blocking(self, view: memoryview, flush_s: float) -> int:
+        """Fill ``view``; return when it is full, at the end of the body, or after ``flush_s``
+        seconds holding at least one byte. 0 only at the end. Raises TransientError (stall,
+        network) or PermanentError. Called from a worker thread."""
+        ...
+
+    def interrupt(self) -> None:
+        """Make a ``readinto_blocking`` in progress return soon (thread-safe)."""
         ...
 
     async def aclose(self) -> None: ...
