@@ -135,6 +135,8 @@ class Pump:
         self.stop = threading.Event()
         self._lock = threading.Lock()  # guards end and _reserved (see cut)
         self._reserved = pos  # the end of the block being written now
+        self.busy_s = 0.0  # CPU seconds the worker thread has used (read by the split policy)
+        self.tid: int | None = None  # the worker thread's native id, once it runs
         self.published = pos
         self._pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,6 +181,8 @@ class Pump:
         buffer = bytearray(0)
         view = memoryview(buffer)
         last_publish = time.monotonic()
+        cpu_start = time.thread_time()
+        self.tid = threading.get_native_id()
         body, stop = self.body, self.stop
         while not stop.is_set():
             with self._lock:
@@ -206,6 +210,7 @@ class Pump:
                 self._write(block[:keep])
             if keep < n:
                 return  # the rest belongs to the segment cut from this one
+            self.busy_s = time.thread_time() - cpu_start
             now = time.monotonic()
             if now - last_publish >= FLUSH_S and not self._pending:
                 last_publish = now

@@ -61,13 +61,26 @@ log = structlog.get_logger()
 WRITE_BLOCK = 4 << 20  # bytes gathered before one write() (or after FLUSH_S on slow links)
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 # Adaptive segmenting (kernel/segments.py): one connection first; more only when it is slow.
-PROBE_S = 1.0  # throughput is measured over windows this long
+PROBE_S = 0.3  # the one connection is measured over this long, from its first byte
 SPLIT_BELOW_BPS = 128 << 20  # one connection faster than this is a fast link: never split
-SPLIT_GAIN = 1.3  # two connections must beat one by this much before going to `connections`
+SPLIT_BUSY = 0.35  # ...nor one whose thread is running or runnable this much of the time
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (1, 2, 3)
 # The disk layer: a seam for fault-injection tests (a full disk).
 _disk_usage = shutil.disk_usage
+
+
+def _busy_s(pump: Pump) -> float:
+    """Seconds the pump's thread ran or waited for a CPU (Linux schedstat: on a loaded
+    machine a starved thread is CPU-bound too, not idle); its CPU time elsewhere."""
+    if pump.tid is not None:
+        try:
+            with open(f"/proc/self/task/{pump.tid}/schedstat", "rb") as f:
+                ran, waited = f.read().split()[:2]
+            return (int(ran) + int(waited)) / 1e9
+        except (OSError, ValueError):
+            pass
+    return pump.busy_s
 
 
 def now_ms() -> int:
@@ -313,32 +326,35 @@ class Transfer:
         return await self._finish(rec.total_bytes)
 
     async def _split_when_slow(self, spawn: Spawn) -> None:
-        """The splitting policy: measure the one connection; if it is slow, try two; if two
-        are clearly faster (the origin limits each connection), go to ``connections``."""
+        """The splitting policy: measure the one connection for PROBE_S; when it is slow and
+        mostly waiting for the network (not CPU-bound here, where more threads would only
+        cost more), the origin limits each connection: cut its range into ``connections``."""
         target = self.settings.connections
         if target <= 1:
             return
-        one = await self._rate_over(PROBE_S)
-        if one >= SPLIT_BELOW_BPS or not self._split_to(2, spawn):
-            return
-        two = await self._rate_over(PROBE_S)
-        log.info("download.split_probe", one_bps=int(one), two_bps=int(two))
-        if two >= SPLIT_GAIN * one and target > 2:
+        rate, busy = await self._probe(PROBE_S)
+        log.info("download.split_probe", bps=int(rate), busy=round(busy, 2))
+        if rate < SPLIT_BELOW_BPS and busy < SPLIT_BUSY:
             self._split_to(target, spawn)
 
-    def _live_bytes(self) -> int:
-        """Bytes on disk in this run, including blocks the loop has not been told of yet."""
-        return self.transferred + sum(p.pos - p.published for p in self._pumps.values())
+    def _live(self) -> tuple[int, float]:
+        """(bytes on disk in this run, including blocks the loop has not been told of yet;
+        CPU seconds of the pumps' threads)."""
+        pumps = list(self._pumps.values())
+        moved = self.transferred + sum(p.pos - p.published for p in pumps)
+        return moved, sum(_busy_s(p) for p in pumps)
 
-    async def _rate_over(self, seconds: float) -> float:
-        """Bytes per second over ``seconds``, counted from the first byte that comes."""
-        first = self._live_bytes()
-        while self._live_bytes() == first:  # noqa: ASYNC110 - counters moved by threads
+    async def _probe(self, seconds: float) -> tuple[float, float]:
+        """(bytes per second, busy fraction of the pump threads) over ``seconds``, counted
+        from the first byte that comes."""
+        first = self._live()[0]
+        while self._live()[0] == first:  # noqa: ASYNC110 - counters moved by threads
             await asyncio.sleep(0.02)
         loop = asyncio.get_running_loop()
-        start, began = self._live_bytes(), loop.time()
+        (moved, busy), began = self._live(), loop.time()
         await asyncio.sleep(seconds)
-        return (self._live_bytes() - start) / max(loop.time() - began, 1e-3)
+        (moved2, busy2), took = self._live(), max(loop.time() - began, 1e-3)
+        return (moved2 - moved) / took, (busy2 - busy) / took
 
     def _split_to(self, connections: int, spawn: Spawn) -> bool:
         """Cut the running ranges so ``connections`` run, the new pieces shared out by how

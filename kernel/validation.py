@@ -96,8 +96,10 @@ def _host_problem(host: str) -> str | None:
         if not label:
             return "has an empty label (two dots in a row, or a leading dot)"
         try:
-            ascii_label = label if label.isascii() and not label.startswith("xn--") else (
-                idna.encode(label, uts46=True).decode("ascii")
+            ascii_label = (
+                label
+                if label.isascii() and not label.startswith("xn--")
+                else (idna.encode(label, uts46=True).decode("ascii"))
             )
             if label.startswith("xn--"):
                 idna.decode(label)

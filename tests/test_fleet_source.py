@@ -42,7 +42,9 @@ def node(tmp_path: Path, dsn: str, seaweed: Seaweed, bucket: str, node_id: str) 
 
 def lease(dsn: str) -> tuple[object, ...] | None:
     with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT holder, state, info->>'upload_id', info->>'object' FROM mk_leases").fetchone()
+        return conn.execute(
+            "SELECT holder, state, info->>'upload_id', info->>'object' FROM mk_leases"
+        ).fetchone()
 
 
 async def until(check: Callable[[], object], within: float = 30) -> None:

@@ -484,3 +484,28 @@ def test_a_queued_request_whose_client_left_is_dropped_unrun(served: Served) -> 
         holder.close()
     _wait_for(lambda: served.requests("long")["stopped"] == before["stopped"] + 1, "the stop")
     assert served.requests("long")["completed"] == before["completed"]  # neither ran to the end
+
+
+def test_removing_a_model_stops_its_running_generation_with_an_error_event(
+    served: Served,
+) -> None:
+    served.add("doomed", served.files["long"])
+    sock = _open_stream(
+        served.url, b'{"model": "doomed", "prompt": "the", "max_tokens": 4000, "stream": true}'
+    )
+    received = b""
+    while received.count(b"data: ") < 3:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the stream"
+        received += chunk
+    removed = httpx.delete(f"{served.url}/v1/models/doomed", timeout=60)
+    assert removed.status_code == 200, removed.text
+    while not received.endswith(b"0\r\n\r\n"):  # the chunked body's end
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    assert b'"error"' in received
+    assert b"unloaded" in received
+    assert b"data: [DONE]" not in received

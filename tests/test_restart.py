@@ -222,13 +222,13 @@ def test_corrupt_or_newer_database_gives_a_clear_error(tmp_path: Path, prepare: 
 def test_a_segmented_download_resumes_every_segment_after_kill_9(tmp_path: Path, origin: Origin) -> None:
     data = blob(32 << 20, 9)  # pieces are at least 4 MiB
     url = origin.add_file("segkill.bin", data)
-    origin.faults.throttle_bps = 1 << 20  # per connection: the download splits (one, two, four)
+    origin.faults.throttle_bps = 1 << 20  # per connection: one connection, then four
     config = {"downloads": {"connections": 4, "segment_min_bytes": 1 << 20}}
     server = ServerProcess(tmp_path, config=config)
     server.start()
     try:
         create(server, "segkill", url)
-        # Split into four by ~2 s; progress is checkpointed every second: the saved segment
+        # Split into four within a second; progress is checkpointed every second: the saved segment
         # table has four segments, each moved past its start, by the time 8 MiB are in.
         wait_for(server, "segkill", lambda b: b["progress"]["downloaded_bytes"] > 8 << 20)
         server.kill()

@@ -209,6 +209,7 @@ class LlamaCppEngine:
         self.requests = {"queued": 0, "completed": 0, "dropped": 0, "stopped": 0}
         self.busy = False  # whether the worker is running a request (set by the worker)
         self.last_stop_seconds: float | None = None  # caller left -> work ended (worker)
+        self._active: set[threading.Event] = set()  # the cancel flags of requests under way
 
     @property
     def state(self) -> str:
@@ -294,15 +295,21 @@ class LlamaCppEngine:
         def job() -> None:
             self.busy = True  # written by this thread only
             try:
+                if self._closed or self._llama is None:
+                    raise EngineError(f"Model {self.model_id} has been unloaded.")
                 if cancelled.is_set():
                     return
                 put("start")
-                if self._closed or self._llama is None:
-                    raise EngineError(f"Model {self.model_id} has been unloaded.")
-                for item in work(self._llama, cancelled, *args):
-                    put("item", item)
-                    if cancelled.is_set():
-                        return
+                items = work(self._llama, cancelled, *args)
+                try:
+                    for item in items:
+                        if cancelled.is_set():
+                            break
+                        put("item", item)
+                finally:
+                    getattr(items, "close", lambda: None)()  # a generator: finish it here
+                if cancelled.is_set() and self._closed:
+                    raise EngineError(f"Model {self.model_id} was unloaded meanwhile.")
             except Exception as exc:  # noqa: BLE001 - the reader raises it in its own task
                 put("error", exc)
             finally:
@@ -316,6 +323,7 @@ class LlamaCppEngine:
         stats["queued"] += 1
         started = ended = False
         future = self._worker.submit(job)
+        self._active.add(cancelled)
         try:
             while True:
                 kind, item = await results.get()
@@ -331,6 +339,7 @@ class LlamaCppEngine:
                 else:
                     yield item
         finally:
+            self._active.discard(cancelled)
             cancelled_at[0] = time.perf_counter()
             cancelled.set()
             if not started:
@@ -572,8 +581,11 @@ class LlamaCppEngine:
         return (await self.embed_detailed(texts))[0]
 
     async def close(self) -> None:
-        """Free the model (after any load or call in flight); later calls fail cleanly."""
+        """Free the model (a generation under way stops at its next token); later calls
+        fail cleanly."""
         self._closed = True
+        for cancelled in list(self._active):
+            cancelled.set()
         task = self._load_task
         if task is not None and not task.done():
             await asyncio.wait({task})

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import functools
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from kernel.errors import PermanentError, SourceError, TransientError, ValidatorChanged
+from kernel.http import USER_AGENT, check_status, validator_of
 from kernel.netpolicy import NetPolicy, guarded_transport
 from kernel.pump import run_in_thread
 from kernel.tls import tls_context, tls_failure
@@ -30,57 +29,12 @@ __all__ = [
     "HttpBody",
     "HttpSource",
     "WireBody",
-    "check_status",
     "raise_for_status",
-    "retry_after_seconds",
-    "validator_of",
 ]
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_USER_AGENT = "modelkernel/0.1"
 MAX_REDIRECTS = 20
-
-
-def validator_of(response: httpx.Response | Response) -> str | None:
-    """A strong ETag, else Last-Modified: what If-Range can use to pin the file."""
-    etag = response.headers.get("etag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("last-modified")
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds (delta or HTTP date); None when absent or unreadable."""
-    value = headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
-    """Map an HTTP error status to the typed source errors."""
-    if status < 400:
-        return
-    if status in (408, 429) or status >= 500:
-        raise TransientError(
-            f"The server answered HTTP {status} for {url}.",
-            retry_after=retry_after_seconds(headers),
-            reason=f"http_{status}",
-        )
-    if status in (401, 403):
-        raise PermanentError(
-            f"Access denied (HTTP {status}) for {url}: the server requires credentials."
-        )
-    if status == 404:
-        raise PermanentError(f"Not found (HTTP 404): {url}")
-    raise PermanentError(f"The server refused the request with HTTP {status} for {url}.")
 
 
 def raise_for_status(response: httpx.Response, url: str) -> None:
@@ -215,7 +169,7 @@ class HttpSource:
         self.url = ref
         self.filename = _basename(ref)
         self._headers = {
-            "user-agent": _USER_AGENT,
+            "user-agent": USER_AGENT,
             "accept-encoding": "identity",
             **(headers or {}),
         }
