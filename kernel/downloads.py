@@ -35,6 +35,7 @@ from kernel.errors import (
 )
 from kernel.events import EventBus
 from kernel.fileset import FileSetTransfer
+from kernel.netpolicy import NetPolicy
 from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
 from kernel.types import (
@@ -221,6 +222,7 @@ class DownloadManager:
     ) -> DownloadRecord:
         validate_model_id(model_id)
         validate_url(url)
+        NetPolicy(self.settings.network).check_url(url)  # a refused host or address: 400
         if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise InvalidRequest("sha256 must be 64 hexadecimal characters.", param="sha256")
         _check_rate(max_bytes_per_second)

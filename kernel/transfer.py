@@ -556,8 +556,11 @@ class Transfer:
             if digest != expected:
                 await asyncio.to_thread(remove, rec.part_path)
                 rec.downloaded_bytes = 0
+                # The actual digest goes to the log only: in an API message it would tell any
+                # client a digest of whatever the URL served (an internal service, say).
+                log.warning("download.checksum_mismatch", expected=expected, actual=digest)
                 raise PermanentError(
-                    f"Checksum mismatch: expected sha256 {expected}, got {digest}; "
+                    f"Checksum mismatch: the file's sha256 is not the expected {expected}; "
                     "the partial file was removed."
                 )
             rec.sha256 = digest

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from kernel.errors import PermanentError, SourceError, TransientError, ValidatorChanged
 from kernel.http import USER_AGENT, check_status, validator_of
+from kernel.netpolicy import NetPolicy, guarded_transport
 from kernel.pump import run_in_thread
 from kernel.tls import tls_context, tls_failure
 from kernel.types import Probe
@@ -76,11 +77,19 @@ def _request_errors(url: str) -> Iterator[None]:
         raise PermanentError(f"The server redirected {url} to an invalid URL: {exc}.") from exc
 
 
-async def _check_hop(request: httpx.Request) -> None:
-    """Every request (each redirect hop too) goes to a well-formed URL."""
-    problem = http_url_problem(str(request.url))
-    if problem is not None:
-        raise PermanentError(f"The server redirected to a URL that cannot be fetched: {problem}")
+def _hop_checker(policy: NetPolicy | None) -> Callable[[httpx.Request], Awaitable[None]]:
+    async def check_hop(request: httpx.Request) -> None:
+        """Every request (each redirect hop too) goes to a well-formed URL, and to a host
+        the policy does not refuse by name (its addresses are checked at connect time)."""
+        problem = http_url_problem(str(request.url))
+        if problem is not None:
+            raise PermanentError(
+                f"The server redirected to a URL that cannot be fetched: {problem}"
+            )
+        if policy is not None:
+            policy.check_name(request.url.host)
+
+    return check_hop
 
 
 class HttpBody:
@@ -153,6 +162,7 @@ class HttpSource:
         client: httpx.AsyncClient | None = None,
         ca_bundle: str | None = None,
         check_address: CheckAddress | None = None,
+        policy: NetPolicy | None = None,
     ) -> None:
         self.ref = ref
         self._ca_bundle = ca_bundle
@@ -168,7 +178,8 @@ class HttpSource:
         self._own_client = client is None
         self._stall = stall_timeout_s
         self._final_url: str | None = None
-        self._check_address = check_address
+        self._policy = policy
+        self._check_address = check_address or (policy.check_address if policy else None)
         self.fast = client is None  # bodies on the fast path (see the module's docstring)
 
     @property
@@ -180,8 +191,14 @@ class HttpSource:
                 timeout=self._timeout,
                 headers=self._headers,
                 verify=tls_context(self._ca_bundle),
-                event_hooks={"request": [_check_hop]},
+                event_hooks={"request": [_hop_checker(self._policy)]},
             )
+            if self._policy is not None:
+                # The direct connections go through the policy; set after construction, as
+                # passing transport= would make httpx ignore the proxies from the environment.
+                self._client._transport = guarded_transport(
+                    self._policy, tls_context(self._ca_bundle)
+                )
         return self._client
 
     async def probe(self) -> Probe:
