@@ -18,6 +18,12 @@ __all__ = [
     "TERMINAL",
     "BlockingBody",
     "Body",
+    "ChatEngine",
+    "CheckingBackend",
+    "CountingEmbedder",
+    "CountingEngine",
+    "DescribedBackend",
+    "DescribedEngine",
     "DownloadCreated",
     "DownloadProgress",
     "DownloadRecord",
@@ -30,7 +36,9 @@ __all__ = [
     "Event",
     "FileRecord",
     "FileSetSource",
+    "GeneratingEngine",
     "GpuInfo",
+    "LazyEngine",
     "NamedSource",
     "PickingSource",
     "Piece",
@@ -359,6 +367,92 @@ class EngineBackend(Protocol):
     async def create(
         self, model_id: str, path: str, model_type: str, spec: EngineSpec
     ) -> Engine: ...
+
+
+# --- optional capabilities of an EngineBackend and its Engines ---------------------------
+# As for sources: declared by having the members, checked with isinstance, nothing else.
+
+
+@runtime_checkable
+class CheckingBackend(Protocol):
+    """A backend that rejects bad ``loading_parameters`` when the request is made."""
+
+    def check(self, spec: EngineSpec, *, prefix: str = "") -> None:
+        """Raise InvalidRequest(param=prefix + "loading_parameters...") for a bad spec."""
+        ...
+
+
+@runtime_checkable
+class DescribedBackend(Protocol):
+    """What ``GET /v1/engines`` shows of a backend beyond its name and aliases."""
+
+    @property
+    def description(self) -> str | None: ...
+
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def available(self) -> bool:
+        """False when its optional dependency is not installed."""
+        ...
+
+
+@runtime_checkable
+class LazyEngine(Protocol):
+    """An engine that loads on first use: ``loaded``, ``loading`` or ``unloaded``."""
+
+    @property
+    def state(self) -> str: ...
+
+
+@runtime_checkable
+class DescribedEngine(Protocol):
+    """An engine with facts to show (context size, layers, file, ...)."""
+
+    @property
+    def details(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class GeneratingEngine(Protocol):
+    """An engine that streams completions and honours every Sampling field."""
+
+    def generate(self, prompt: str | list[int], sampling: Sampling) -> AsyncIterator[Piece]:
+        """Pieces for ``prompt`` (text or token ids); the last has ``finish_reason`` and
+        the token counts. Stops when closed."""
+        ...
+
+
+@runtime_checkable
+class ChatEngine(Protocol):
+    """An engine that answers chat messages; ``supports_chat`` says whether this model can
+    (a GGUF without a chat template cannot)."""
+
+    @property
+    def supports_chat(self) -> bool: ...
+
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Piece]: ...
+
+
+@runtime_checkable
+class CountingEngine(Protocol):
+    """An engine whose completions report token counts (the OpenAI ``usage`` block)."""
+
+    async def complete_detailed(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """``{text, finish_reason, prompt_tokens, completion_tokens}``."""
+        ...
+
+
+@runtime_checkable
+class CountingEmbedder(Protocol):
+    """An engine whose embeddings report the prompt token count and take token ids."""
+
+    async def embed_detailed(
+        self, texts: list[str] | list[list[int]]
+    ) -> tuple[list[list[float]], int]:
+        """One vector per text (or list of token ids), and the prompt token count."""
+        ...
 
 
 # --- bus events: frozen, tagged with the event name --------------------------------------
