@@ -146,3 +146,34 @@ async def test_a_file_in_the_cache_is_never_fetched_from_the_origin_again(
     assert origin.body_bytes["fleet-again.bin"] == sent  # read from the bucket only
     got = hashlib.sha256(Path(rec.local_path).read_bytes()).hexdigest()
     assert got == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_cached_object_deleted_by_hand_is_fetched_again(
+    tmp_path: Path,
+    pg_dsn: str,
+    seaweed: Seaweed,
+    s3_bucket: S3Client,
+    origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    data = os.urandom(6 * MiB)
+    url = origin.add_file("fleet-deleted.bin", data)
+    kernel = node(tmp_path, pg_dsn, seaweed, s3_bucket.bucket, "n")
+    await kernel.start()
+    try:
+        await kernel.downloads.create(model_id="m1", url=url)
+        await until(lambda: kernel.downloads.get("m1").status == "completed")
+        row = lease(pg_dsn)
+        assert row is not None
+        await s3_bucket.delete(str(row[3]))  # a lifecycle rule, an operator...
+        await kernel.downloads.create(model_id="m2", url=url)
+        await until(lambda: kernel.downloads.get("m2").status in ("completed", "failed"))
+        rec = kernel.downloads.get("m2")
+        assert rec.status == "completed", rec.error_message
+    finally:
+        await kernel.stop()
+    assert origin.body_bytes["fleet-deleted.bin"] == 2 * len(data)  # fetched again, once
+    assert await s3_bucket.get_bytes(str(row[3])) == data  # and cached again
+    assert Path(rec.local_path).read_bytes() == data

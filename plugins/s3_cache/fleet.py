@@ -116,12 +116,7 @@ class Fleet:
         if upload_id and obj:
             with contextlib.suppress(S3Error):
                 await self.s3.abort_multipart(obj, upload_id)
-        await self.leases._execute(
-            "UPDATE mk_leases SET state = 'aborted', holder = NULL, lease_until = now(),"
-            " done = 0, info = info - 'upload_id', updated_at = now() WHERE file_key = %s"
-            " AND state <> 'complete'",
-            (key,),
-        )
+        await self.leases.reset(key, state="aborted")
         log.info("fleet.fetch_aborted", file_key=key)
 
     async def done_with(self, ref: str, model_id: str) -> None:
@@ -308,11 +303,8 @@ class FleetSource:
                 raise
             # The lease says complete but the object is gone (deleted by hand, a lifecycle
             # rule): fetch it again.
-            await self.fleet.leases._execute(
-                "UPDATE mk_leases SET state = 'fetching', holder = NULL, lease_until = now(),"
-                " done = 0, info = info - 'upload_id', updated_at = now() WHERE file_key = %s",
-                (self._key,),
-            )
+            assert self._key is not None
+            await self.fleet.leases.reset(self._key)
             return None
         log.info("fleet.from_bucket", object=self._obj, offset=offset)
 
