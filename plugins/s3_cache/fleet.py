@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -367,9 +367,27 @@ class FleetSource:
         except BaseException:
             await lease.release()
             raise
-        stream = self._tee_stream(lease, tee, origin, prefix, resume_at, offset)
+        ended = False
+
+        async def stop_holding(completed: bool) -> None:
+            """Stop holding, once: from the stream's end, or from the body's close when the
+            stream was never read (a pause right after the open)."""
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            await tee.settle(0.0 if completed or not lease.valid else 5.0)
+            await origin.aclose()
+            if completed:
+                await lease.stop_heartbeat()
+            else:
+                await lease.release()
+
+        stream = self._tee_stream(lease, tee, origin, prefix, resume_at, offset, stop_holding)
         if offset >= resume_at:
-            return _ChunkBody(offset, probe.size, probe.validator, stream)
+            return _ChunkBody(
+                offset, probe.size, probe.validator, stream, lambda: stop_holding(False)
+            )
         # This node's own file is behind the first missing part: fill the bucket from the
         # origin first (nothing of it is ours yet), then read our file from the bucket.
         try:
@@ -377,6 +395,7 @@ class FleetSource:
                 pass
         finally:
             await stream.aclose()
+            await stop_holding(False)
         return None
 
     async def _tee_stream(
@@ -387,6 +406,7 @@ class FleetSource:
         prefix: list[Part],
         pos: int,
         offset: int,
+        stop_holding: Callable[[bool], Awaitable[None]],
     ) -> AsyncGenerator[bytes, None]:
         assert self._probe is not None
         obj, s3 = tee.obj, self.fleet.s3
@@ -428,12 +448,7 @@ class FleetSource:
         except (StoreError, S3Error) as exc:
             raise TransientError(f"The fleet's cache failed: {exc}") from exc
         finally:
-            await tee.settle(0.0 if completed or not lease.valid else 5.0)
-            await origin.aclose()
-            if not completed:
-                await lease.release()
-            else:
-                await lease.stop_heartbeat()
+            await stop_holding(completed)
 
     async def _report(self, lease: Lease, pos: int) -> None:
         try:
