@@ -52,7 +52,7 @@ from kernel.segments import (
     run_segments,
 )
 from kernel.throttle import TokenBucket
-from kernel.types import DownloadRecord, Probe, Source
+from kernel.types import DownloadRecord, Probe, RangedSource, Source
 
 __all__ = ["Transfer", "now_ms"]
 
@@ -283,11 +283,14 @@ class Transfer:
             and probe.size is not None
             and probe.size >= self.settings.segment_min_bytes
             and part_size == 0
-            and getattr(self.source, "supports_segments", False)
+            and isinstance(self.source, RangedSource)
+            and self.source.supports_segments
         )
 
     async def _attempt_segmented(self, probe: Probe, part_size: int) -> bool:
-        rec = self.rec
+        rec, source = self.rec, self.source
+        if not isinstance(source, RangedSource):  # segments saved, but this source has no ranges
+            raise ValidatorChanged("The source of this download cannot fetch byte ranges.")
         if rec.validator and probe.validator and rec.validator != probe.validator:
             raise ValidatorChanged("The remote file changed since the partial download began.")
         validator = rec.validator or probe.validator
@@ -317,7 +320,7 @@ class Transfer:
 
         split = self._split_when_slow if len(rec.segments) == 1 else None
         try:
-            await run_segments(rec, self.source, validator, fetch=fetch, split=split)
+            await run_segments(rec, source, validator, fetch=fetch, split=split)
             await writeback.sync()
         finally:
             os.close(fd)

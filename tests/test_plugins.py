@@ -29,7 +29,17 @@ from kernel.config import PluginSettings, Settings
 from kernel.core import Kernel
 from kernel.errors import InvalidRequest
 from kernel.plugins import BUILTINS, Plugins, make_plugin_manager
-from kernel.types import TERMINAL, DownloadRecord, DownloadStatus, EngineCreated, Event
+from kernel.types import (
+    TERMINAL,
+    DownloadRecord,
+    DownloadStatus,
+    EngineCreated,
+    Event,
+    FileSetSource,
+    NamedSource,
+    PickingSource,
+    RangedSource,
+)
 from plugins.http_source import HttpSource
 from tests.helpers.fakes import (
     EventRecorder,
@@ -447,6 +457,22 @@ def test_an_observer_registered_later_is_told_too(settings: Settings) -> None:
     plugins.emit(engine_created("b"))
     assert len(first.events) == 2
     assert [e.model_id for e in later.events] == ["b"]  # type: ignore[union-attr]
+
+
+def test_the_builtin_sources_declare_their_capabilities(settings: Settings) -> None:
+    """The kernel checks capabilities with isinstance against kernel.types' Protocols only."""
+    plugins = Plugins(make_plugin_manager(load_entrypoints=False), settings)
+    http = plugins.resolve_source("https://example.test/models/tiny.gguf")
+    assert isinstance(http, RangedSource)
+    assert http.supports_segments
+    assert isinstance(http, NamedSource)
+    assert http.filename == "tiny.gguf"
+    assert not isinstance(http, PickingSource | FileSetSource)
+    hub = plugins.resolve_source("hf://owner/repo/tiny.gguf")
+    assert isinstance(hub, PickingSource)
+    assert isinstance(hub, FileSetSource)
+    assert isinstance(hub, NamedSource)
+    assert hub.filename == "tiny.gguf"
 
 
 # --- register_routes ---------------------------------------------------------------------------
