@@ -122,6 +122,10 @@ class NetworkSettings(_Section):
     certificates) trusted instead of the system store; see kernel/tls.py for the order."""
 
     ca_bundle: str | None = None
+    # Destination policy (kernel/netpolicy.py): CIDRs and host names; allow wins over deny
+    allow: list[str] = msgspec.field(default_factory=list)
+    deny: list[str] = msgspec.field(default_factory=list)
+    deny_private: bool = False  # also refuse loopback and private ranges (multi-tenant)
 
 
 class PluginSettings(_Section):

@@ -52,7 +52,7 @@ from kernel.segments import (
     run_segments,
 )
 from kernel.throttle import TokenBucket
-from kernel.types import DownloadRecord, Probe, Source
+from kernel.types import DownloadRecord, Probe, RangedSource, Source
 
 __all__ = ["Transfer", "now_ms"]
 
@@ -287,11 +287,14 @@ class Transfer:
             and probe.size is not None
             and probe.size >= self.settings.segment_min_bytes
             and part_size == 0
-            and getattr(self.source, "supports_segments", False)
+            and isinstance(self.source, RangedSource)
+            and self.source.supports_segments
         )
 
     async def _attempt_segmented(self, probe: Probe, part_size: int) -> bool:
-        rec = self.rec
+        rec, source = self.rec, self.source
+        if not isinstance(source, RangedSource):  # segments saved, but this source has no ranges
+            raise ValidatorChanged("The source of this download cannot fetch byte ranges.")
         if rec.validator and probe.validator and rec.validator != probe.validator:
             raise ValidatorChanged("The remote file changed since the partial download began.")
         validator = rec.validator or probe.validator
@@ -321,7 +324,7 @@ class Transfer:
 
         split = self._split_when_slow if len(rec.segments) == 1 else None
         try:
-            await run_segments(rec, self.source, validator, fetch=fetch, split=split)
+            await run_segments(rec, source, validator, fetch=fetch, split=split)
             await writeback.sync()
         finally:
             os.close(fd)
@@ -560,8 +563,11 @@ class Transfer:
             if digest != expected:
                 await asyncio.to_thread(remove, rec.part_path)
                 rec.downloaded_bytes = 0
+                # The actual digest goes to the log only: in an API message it would tell any
+                # client a digest of whatever the URL served (an internal service, say).
+                log.warning("download.checksum_mismatch", expected=expected, actual=digest)
                 raise PermanentError(
-                    f"Checksum mismatch: expected sha256 {expected}, got {digest}; "
+                    f"Checksum mismatch: the file's sha256 is not the expected {expected}; "
                     "the partial file was removed."
                 )
             rec.sha256 = digest

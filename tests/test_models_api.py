@@ -406,6 +406,21 @@ async def test_a_model_whose_download_is_running_is_409_saying_so(
     await client.delete("/v1/models/slow")
 
 
+async def test_a_regular_download_still_running_is_409_saying_how_to_serve_it(
+    client: Any, origin: Origin, gguf: dict[str, Path]
+) -> None:
+    data = gguf["llm"].read_bytes()
+    origin.faults.stall_after = len(data) // 2
+    url = origin.add_file("plain-llama.gguf", data)
+    created = await client.post("/v1/downloads", json={"model_id": "plain", "url": url})
+    assert created.status_code == 202, created.text
+    await wait_status(client, "plain", "downloading")
+    response = await client.post("/v1/completions", json={"model": "plain", "prompt": "hi"})
+    assert_error(response, 409, "invalid_request_error", param="model", code="model_downloading")
+    assert "add the file with POST /v1/models" in response.json()["error"]["message"]
+    await client.delete("/v1/downloads/plain")
+
+
 @pytest.mark.parametrize("prefix", PREFIXES)
 async def test_engines_lists_the_llama_cpp_backend_as_default(client: Any, prefix: str) -> None:
     body = (await client.get(f"{prefix}/engines")).json()

@@ -28,8 +28,18 @@ from kernel.api.deps import KernelDep
 from kernel.config import PluginSettings, Settings
 from kernel.core import Kernel
 from kernel.errors import InvalidRequest
-from kernel.plugins import BUILTINS, make_plugin_manager
-from kernel.types import TERMINAL, DownloadRecord, DownloadStatus, Event
+from kernel.plugins import BUILTINS, Plugins, make_plugin_manager
+from kernel.types import (
+    TERMINAL,
+    DownloadRecord,
+    DownloadStatus,
+    EngineCreated,
+    Event,
+    FileSetSource,
+    NamedSource,
+    PickingSource,
+    RangedSource,
+)
 from plugins.http_source import HttpSource
 from tests.helpers.fakes import (
     EventRecorder,
@@ -364,6 +374,105 @@ async def test_an_observer_returning_a_coroutine_is_awaited(
     assert observer.seen[0] == "download.created"
     assert "download.status" in observer.seen
     assert recorder.names()[0] == "download.created"
+
+
+class NoArgumentObserver:
+    """Takes none of the spec's arguments, which pluggy allows for any hook."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def on_event(self) -> None:
+        self.calls += 1
+
+
+class ObserverWrapper:
+    """A new-style pluggy wrapper: sees each observer's outcome."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def on_event(self, event: Event) -> Iterator[None]:
+        try:
+            result = yield
+        except RuntimeError as exc:
+            self.outcomes.append(f"raised {exc}")
+            raise
+        self.outcomes.append(f"returned {len(result)}")
+        return result
+
+
+def engine_created(model_id: str = "m") -> EngineCreated:
+    return EngineCreated(model_id=model_id, model_type="llm", inference_engine="fake")
+
+
+def test_on_event_goes_through_pluggy_with_wrappers_and_fewer_arguments(
+    settings: Settings,
+) -> None:
+    quiet, wrapper, exploding, recorder = (
+        NoArgumentObserver(),
+        ObserverWrapper(),
+        ExplodingObserver(),
+        EventRecorder(),
+    )
+    pm = make_plugin_manager(
+        load_entrypoints=False,
+        disable=BUILTINS,
+        extra=[recorder, exploding, quiet, wrapper],
+    )
+    plugins = Plugins(pm, settings)
+    with capture_logs() as logs:
+        plugins.emit(engine_created("a"))
+        plugins.emit(engine_created("b"))
+    assert quiet.calls == 2
+    assert [e.model_id for e in recorder.events] == ["a", "b"]  # type: ignore[union-attr]
+    assert exploding.calls == 2
+    # One hook call per observer: the wrapper sees each one's outcome (None results are
+    # not collected by pluggy), including the one that raised.
+    assert sorted(wrapper.outcomes) == ["raised observer bug"] * 2 + ["returned 0"] * 4
+    failures = [e for e in logs if e["event"] == "plugin.on_event_failed"]
+    assert len(failures) == 2
+    assert {e["plugin"] for e in failures} == {pm.get_name(exploding)}
+
+
+def test_on_event_calls_are_traced_when_tracing_is_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELKERNEL_TRACE_PLUGINS", "1")
+    pm = make_plugin_manager(load_entrypoints=False, disable=BUILTINS, extra=[EventRecorder()])
+    with capture_logs() as logs:
+        Plugins(pm, settings).emit(engine_created())
+    traced = [e["msg"] for e in logs if e["event"] == "plugin.trace"]
+    assert any("on_event" in msg for msg in traced), traced
+
+
+def test_an_observer_registered_later_is_told_too(settings: Settings) -> None:
+    first, later = EventRecorder(), EventRecorder()
+    pm = make_plugin_manager(load_entrypoints=False, disable=BUILTINS, extra=[first])
+    plugins = Plugins(pm, settings)
+    plugins.emit(engine_created("a"))
+    pm.register(later)
+    plugins.emit(engine_created("b"))
+    assert len(first.events) == 2
+    assert [e.model_id for e in later.events] == ["b"]  # type: ignore[union-attr]
+
+
+def test_the_builtin_sources_declare_their_capabilities(settings: Settings) -> None:
+    """The kernel checks capabilities with isinstance against kernel.types' Protocols only."""
+    plugins = Plugins(make_plugin_manager(load_entrypoints=False), settings)
+    http = plugins.resolve_source("https://example.test/models/tiny.gguf")
+    assert isinstance(http, RangedSource)
+    assert http.supports_segments
+    assert isinstance(http, NamedSource)
+    assert http.filename == "tiny.gguf"
+    assert not isinstance(http, PickingSource | FileSetSource)
+    hub = plugins.resolve_source("hf://owner/repo/tiny.gguf")
+    assert isinstance(hub, PickingSource)
+    assert isinstance(hub, FileSetSource)
+    assert isinstance(hub, NamedSource)
+    assert hub.filename == "tiny.gguf"
 
 
 # --- register_routes ---------------------------------------------------------------------------

@@ -184,21 +184,27 @@ _ENCODER = msgspec.json.Encoder()
 
 
 def require_engine(kernel: Kernel, model_id: str) -> None:
-    """404 for an unknown model; 409 for one whose startup download has not ended yet."""
+    """404 for an unknown model; 409 for one whose download has not ended yet."""
     if kernel.engines.get(model_id) is not None:
         return
     rec = kernel.downloads.records.get(model_id)
-    if rec is not None and rec.status in ACTIVE and rec.download_type == "startup":
+    if rec is not None and rec.status in ACTIVE:
         if rec.status == "creating_engine":
             state = "its file is downloaded and its engine is being built"
         else:
             state = f"its download is {rec.status}"
             if rec.total_bytes > 0:
                 state += f" ({rec.downloaded_bytes * 100 // rec.total_bytes}%)"
+        then = (
+            "It answers once the download completes and its engine is built"
+            if rec.download_type == "startup"
+            else "It is a regular download, which builds no engine: once it completes, add "
+            "the file with POST /v1/models to serve it"
+        )
         raise ApiError(
             409,
-            f"Model {model_id} is still downloading: {state}. It answers once the download "
-            f"completes and its engine is built; follow GET /v1/downloads/{model_id}.",
+            f"Model {model_id} is still downloading: {state}. {then}; follow "
+            f"GET /v1/downloads/{model_id}.",
             param="model",
             code="model_downloading",
         )
@@ -385,9 +391,6 @@ class _Choice:
                 self.logprobs.setdefault(key, []).extend(values or [])
         if piece.finish_reason is not None:
             self.last = piece
-
-
-Generate = Callable[[int], AsyncGenerator[Piece, None]]
 
 
 def _plan(n_prompts: int, n: int) -> list[tuple[int, int]]:

@@ -2,7 +2,9 @@
 fast path (a blocking socket read by the kernel's byte loop in a worker thread).
 
 Reads ``downloads.stall_timeout_s`` (the read timeout: no byte for that long is a transient
-fault) and ``network.ca_bundle`` (the CAs trusted for https, see kernel/tls.py). Redirects are
+fault), ``network.ca_bundle`` (the CAs trusted for https, see kernel/tls.py) and the
+destination policy ``network.allow`` / ``network.deny`` / ``network.deny_private``
+(kernel/netpolicy.py), checked on every connection. Redirects are
 followed; resumes use ``Range`` + ``If-Range``; HTTPS_PROXY/HTTP_PROXY/NO_PROXY are honoured.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from kernel import hookimpl
 from kernel.config import Settings
+from kernel.netpolicy import NetPolicy
 from kernel.types import Source
 from plugins.http_source.source import HttpSource
 
@@ -20,8 +23,10 @@ __all__ = ["HttpSource", "resolve_source"]
 def resolve_source(ref: str, settings: Settings) -> Source | None:
     if not ref.lower().startswith(("http://", "https://")):
         return None
+    policy = NetPolicy(settings.network)
     return HttpSource(
         ref,
         stall_timeout_s=settings.downloads.stall_timeout_s,
         ca_bundle=settings.network.ca_bundle,
+        policy=policy,
     )

@@ -254,6 +254,8 @@ def _open_once(
             p = _Target.parse(proxy if "://" in proxy else f"http://{proxy}")
             if p.scheme != "http":
                 raise PermanentError(f"Only http:// proxies are supported, not {proxy}.")
+            if check_address is not None:  # the proxy resolves the target: check its name
+                check_address(target.host, target.host)
             sock = _connect(p.host, p.port, connect_timeout, None)
             if target.scheme == "https":
                 try:

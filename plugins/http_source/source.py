@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import functools
 import re
-import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from kernel.errors import PermanentError, SourceError, TransientError, ValidatorChanged
+from kernel.http import USER_AGENT, check_status, validator_of
+from kernel.netpolicy import NetPolicy, guarded_transport
 from kernel.pump import run_in_thread
 from kernel.tls import tls_context, tls_failure
 from kernel.types import Probe
@@ -29,57 +29,12 @@ __all__ = [
     "HttpBody",
     "HttpSource",
     "WireBody",
-    "check_status",
     "raise_for_status",
-    "retry_after_seconds",
-    "validator_of",
 ]
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_USER_AGENT = "modelkernel/0.1"
 MAX_REDIRECTS = 20
-
-
-def validator_of(response: httpx.Response | Response) -> str | None:
-    """A strong ETag, else Last-Modified: what If-Range can use to pin the file."""
-    etag = response.headers.get("etag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("last-modified")
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds (delta or HTTP date); None when absent or unreadable."""
-    value = headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
-    """Map an HTTP error status to the typed source errors."""
-    if status < 400:
-        return
-    if status in (408, 429) or status >= 500:
-        raise TransientError(
-            f"The server answered HTTP {status} for {url}.",
-            retry_after=retry_after_seconds(headers),
-            reason=f"http_{status}",
-        )
-    if status in (401, 403):
-        raise PermanentError(
-            f"Access denied (HTTP {status}) for {url}: the server requires credentials."
-        )
-    if status == 404:
-        raise PermanentError(f"Not found (HTTP 404): {url}")
-    raise PermanentError(f"The server refused the request with HTTP {status} for {url}.")
 
 
 def raise_for_status(response: httpx.Response, url: str) -> None:
@@ -122,11 +77,19 @@ def _request_errors(url: str) -> Iterator[None]:
         raise PermanentError(f"The server redirected {url} to an invalid URL: {exc}.") from exc
 
 
-async def _check_hop(request: httpx.Request) -> None:
-    """Every request (each redirect hop too) goes to a well-formed URL."""
-    problem = http_url_problem(str(request.url))
-    if problem is not None:
-        raise PermanentError(f"The server redirected to a URL that cannot be fetched: {problem}")
+def _hop_checker(policy: NetPolicy | None) -> Callable[[httpx.Request], Awaitable[None]]:
+    async def check_hop(request: httpx.Request) -> None:
+        """Every request (each redirect hop too) goes to a well-formed URL, and to a host
+        the policy does not refuse by name (its addresses are checked at connect time)."""
+        problem = http_url_problem(str(request.url))
+        if problem is not None:
+            raise PermanentError(
+                f"The server redirected to a URL that cannot be fetched: {problem}"
+            )
+        if policy is not None:
+            policy.check_name(request.url.host)
+
+    return check_hop
 
 
 class HttpBody:
@@ -199,13 +162,14 @@ class HttpSource:
         client: httpx.AsyncClient | None = None,
         ca_bundle: str | None = None,
         check_address: CheckAddress | None = None,
+        policy: NetPolicy | None = None,
     ) -> None:
         self.ref = ref
         self._ca_bundle = ca_bundle
         self.url = ref
         self.filename = _basename(ref)
         self._headers = {
-            "user-agent": _USER_AGENT,
+            "user-agent": USER_AGENT,
             "accept-encoding": "identity",
             **(headers or {}),
         }
@@ -214,7 +178,8 @@ class HttpSource:
         self._own_client = client is None
         self._stall = stall_timeout_s
         self._final_url: str | None = None
-        self._check_address = check_address
+        self._policy = policy
+        self._check_address = check_address or (policy.check_address if policy else None)
         self.fast = client is None  # bodies on the fast path (see the module's docstring)
 
     @property
@@ -226,8 +191,14 @@ class HttpSource:
                 timeout=self._timeout,
                 headers=self._headers,
                 verify=tls_context(self._ca_bundle),
-                event_hooks={"request": [_check_hop]},
+                event_hooks={"request": [_hop_checker(self._policy)]},
             )
+            if self._policy is not None:
+                # The direct connections go through the policy; set after construction, as
+                # passing transport= would make httpx ignore the proxies from the environment.
+                self._client._transport = guarded_transport(
+                    self._policy, tls_context(self._ca_bundle)
+                )
         return self._client
 
     async def probe(self) -> Probe:

@@ -89,11 +89,13 @@ def on_event(event: Event) -> Any:
         for fleet in list(_fleets.values()):
             if not rec.local_path.startswith(fleet.models_dir + os.sep):
                 continue  # another kernel's download (several kernels in one process)
+            refs = [rec.url, *(f.url for f in rec.files or ())]  # a multi-file download's too
             try:
-                if rec.status == "cancelled":
-                    await fleet.forget(rec.url, rec.model_id)
-                else:
-                    await fleet.done_with(rec.url, rec.model_id)
+                for ref in refs:
+                    if rec.status == "cancelled":
+                        await fleet.forget(ref, rec.model_id)
+                    else:
+                        await fleet.done_with(ref, rec.model_id)
             except KernelError as exc:
                 log.warning("fleet.unwant_failed", model_id=rec.model_id, error=exc.message)
 
