@@ -59,6 +59,10 @@ __all__ = ["Transfer", "now_ms"]
 log = structlog.get_logger()
 
 WRITE_BLOCK = 4 << 20  # bytes gathered before one write() (or after FLUSH_S on slow links)
+# A pump reads and writes blocks of at most this: small enough that the decrypted bytes are
+# still in the CPU cache when they are copied to the page cache (measured over loopback TLS:
+# 4 MiB blocks cost 3.5-3.8 CPU s/GiB, 256 KiB blocks 1.9-3.0, in the same runs).
+PUMP_BLOCK = 256 << 10
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 # Adaptive segmenting (kernel/segments.py): one connection first; more only when it is slow.
 PROBE_S = 0.3  # the one connection is measured over this long, from its first byte
@@ -385,6 +389,9 @@ class Transfer:
             log.info("download.split", connections=len(rec.segments))
         return split
 
+    def _pump_block(self) -> int:
+        return min(PUMP_BLOCK, self._read_cap())
+
     def _read_cap(self) -> int:
         """Bytes to read before throttling: a flush interval's worth of the tightest cap,
         never more than ``WRITE_BLOCK`` (a huge cap must not size a huge buffer)."""
@@ -424,7 +431,7 @@ class Transfer:
                 on_written=on_written,
             )  # fmt: skip
         pump = Pump(
-            body, fd, rec.part_path, pos, end=end, limit=limit, block_size=self._read_cap,
+            body, fd, rec.part_path, pos, end=end, limit=limit, block_size=self._pump_block,
             throttle=self._throttle_blocking, hasher=hasher,
             on_block=self.on_block, on_written=on_written,
         )  # fmt: skip
