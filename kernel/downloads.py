@@ -545,6 +545,7 @@ class DownloadManager:
                     "shared_bucket": self.bucket,
                     "on_bytes": self._on_bytes,
                     "on_retry": self._on_retry,
+                    "verifier": self.engines.verifier(rec.engine),
                 }
                 if rec.files is not None:
                     await FileSetTransfer(

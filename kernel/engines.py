@@ -40,6 +40,7 @@ from kernel.types import (
     LazyEngine,
     Piece,
     Sampling,
+    VerifyingBackend,
 )
 
 __all__ = ["AUTO_TYPE", "DEFAULT_BACKEND", "Completion", "EngineEntry", "EngineRegistry"]
@@ -110,6 +111,13 @@ class EngineRegistry:
             raise InvalidRequest(
                 f"Unknown inference engine {name!r}; available: {known}.", param=param
             ) from None
+
+    def verifier(self, spec: EngineSpec | None) -> VerifyingBackend | None:
+        """The backend that will load a download's file, when it checks files: the one its
+        ``engine_creation`` names, else the default backend."""
+        name = spec.inference_engine if spec is not None else self.default_backend
+        backend = self._backends.get(name) if name else None
+        return backend if isinstance(backend, VerifyingBackend) else None
 
     def check_gpu(self, gpu_id: int, *, param: str = "main_gpu_id") -> None:
         """-1 (pick the freest) and 0 (the default device, or the CPU) are always valid."""
