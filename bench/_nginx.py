@@ -4,7 +4,9 @@
 root). ``Origin`` writes the files and an ``nginx.conf`` into a temporary directory, starts
 nginx in the foreground (``daemon off``) on a free loopback port and stops it again.
 
-Layout of the origin (``root`` is a directory of the bench's temp dir):
+Layout of the origin (``root`` is a directory of the bench's temp dir), on two ports: plain
+http, and https with a certificate for 127.0.0.1 issued by a CA the bench generates with
+openssl (``ca_file``: what curl, aria2c and our server are told to trust):
 
     /<name>            every generated file, Range supported (nginx does it natively)
     /limited/<name>    the same files, ``limit_rate 50m`` per connection (a CDN-like origin)
@@ -24,7 +26,12 @@ from pathlib import Path
 
 __all__ = ["Origin", "ensure_tools", "free_port", "pdeathsig", "tool_path"]
 
-TOOLS = {"nginx": "nginx", "aria2c": "aria2", "curl": "curl"}  # binary -> Debian package
+TOOLS = {
+    "nginx": "nginx",
+    "aria2c": "aria2",
+    "curl": "curl",
+    "openssl": "openssl",
+}  # binary -> Debian package
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
@@ -136,8 +143,13 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
+    ssl_certificate {tls}/server.pem;
+    ssl_certificate_key {tls}/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:1m;
     server {{
         listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl;
         root {root};
         location / {{ }}
         location /limited/ {{
@@ -149,8 +161,36 @@ http {{
 """
 
 
+def make_ca(folder: Path, openssl: str = "openssl") -> Path:
+    """A CA and a server certificate for 127.0.0.1/localhost signed by it (P-256, 30 days),
+    in ``folder``: ca.pem, server.pem, server.key. Returns the CA file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = folder / "server.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        [openssl, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "30",
+         "-subj", "/CN=modelkernel bench CA"],
+        [openssl, "req", *ec, "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=127.0.0.1"],
+        [openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.pem", "-days", "30", "-extfile", "server.ext"],
+    ]  # fmt: skip
+    for argv in steps:
+        done = subprocess.run(argv, cwd=folder, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl failed: {' '.join(argv)}\n{done.stderr[-1000:]}")
+    for name in ("server.pem", "server.key", "ca.pem"):
+        (folder / name).chmod(0o644)  # nginx's worker may run as another user
+    return folder / "ca.pem"
+
+
 class Origin:
-    """nginx serving ``root``; ``url(name)`` and ``limited_url(name)`` give the file URLs."""
+    """nginx serving ``root``; ``url(name)`` and ``limited_url(name)`` give the file URLs,
+    ``https_url`` and ``https_limited_url`` the same over TLS (trust ``ca_file``)."""
 
     def __init__(self, nginx: str, workdir: Path, *, limit_rate: str = "50m") -> None:
         self.nginx = nginx
@@ -158,6 +198,9 @@ class Origin:
         self.root = workdir / "www"
         self.limit_rate = limit_rate
         self.port = 0
+        self.tls_port = 0
+        self.tls_dir = workdir / "tls"
+        self.ca_file = self.tls_dir / "ca.pem"
         self.proc: subprocess.Popen[bytes] | None = None
         for d in (self.tmp, self.root):
             d.mkdir(parents=True, exist_ok=True)
@@ -182,14 +225,26 @@ class Origin:
     def limited_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/limited/{name}"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def https_url(self, name: str) -> str:
+        return f"https://127.0.0.1:{self.tls_port}/{name}"
+
+    def https_limited_url(self, name: str) -> str:
+        return f"https://127.0.0.1:{self.tls_port}/limited/{name}"
+
+    def start(self, timeout: float = 10.0, openssl: str = "openssl") -> None:
         self.port = free_port()
+        self.tls_port = free_port()
+        if not self.ca_file.exists():
+            make_ca(self.tls_dir, openssl)
+        self.tls_dir.chmod(0o755)
         conf = self.tmp / "nginx.conf"
         conf.write_text(
             CONF.format(
                 tmp=self.tmp,
                 root=self.root,
                 port=self.port,
+                tls_port=self.tls_port,
+                tls=self.tls_dir,
                 limit_rate=self.limit_rate,
                 user="user root;" if os.geteuid() == 0 else "",
             )
@@ -209,8 +264,10 @@ class Origin:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited at start:\n{self._logs()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
+                for port in (self.port, self.tls_port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        pass
+                return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"nginx did not listen within {timeout}s:\n{self._logs()}")

@@ -118,8 +118,15 @@ def config_fields(section: str = "downloads") -> set[str]:
 class Server:
     """``modelkernel serve`` on a free port, with its own models/state dirs under ``workdir``."""
 
-    def __init__(self, workdir: Path, name: str, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.dir = workdir / f"server-{name}"
+        self.env = env or {}  # on top of clean_env(): e.g. SSL_CERT_FILE for the https cases
         self.models = self.dir / "models"
         self.state = self.dir / "state"
         for d in (self.models, self.state):
@@ -161,7 +168,7 @@ class Server:
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,
-            env=clean_env(),
+            env={**clean_env(), **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -16,8 +16,10 @@ from kernel.errors import PermanentError
 __all__ = [
     "PartFile",
     "Writeback",
+    "disk_error",
     "file_sha256",
     "hash_file_into",
+    "pwrite_all",
     "remove",
     "rename_durably",
     "size_of",
@@ -46,7 +48,7 @@ class PartFile:
         await asyncio.to_thread(hash_file_into, self.path, self.pos, self.hasher)
 
     def _write(self, data: bytes | memoryview, pos: int) -> None:
-        _pwrite_all(self.fd, data, pos)
+        pwrite_all(self.fd, data, pos)
         if self.hasher is not None:
             self.hasher.update(data)
 
@@ -112,7 +114,7 @@ def _datasync_dup(fd: int) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, pos: int) -> None:
     view = memoryview(data)
     while view:
         written = _pwrite(fd, view, pos)
@@ -129,17 +131,22 @@ async def _landed(pending: asyncio.Future[None], path: str) -> None:
         await asyncio.wait({pending})
         raise
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise PermanentError(
-                f"The disk is full ({os.path.dirname(path)}): free some space, then start the "
-                "download again; it continues from the partial file, which is kept."
-            ) from exc
-        raise PermanentError(f"Cannot write {path}: {exc.strerror}.") from exc
+        raise disk_error(exc, path) from exc
+
+
+def disk_error(exc: OSError, path: str) -> PermanentError:
+    """A failed write, in words a user can act on."""
+    if exc.errno == errno.ENOSPC:
+        return PermanentError(
+            f"The disk is full ({os.path.dirname(path)}): free some space, then start the "
+            "download again; it continues from the partial file, which is kept."
+        )
+    return PermanentError(f"Cannot write {path}: {exc.strerror}.")
 
 
 async def write_at(fd: int, data: memoryview, pos: int, path: str) -> None:
     loop = asyncio.get_running_loop()
-    await _landed(loop.run_in_executor(None, _pwrite_all, fd, data, pos), path)
+    await _landed(loop.run_in_executor(None, pwrite_all, fd, data, pos), path)
 
 
 def hash_file_into(path: str, length: int, hasher: Any) -> None:

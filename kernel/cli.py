@@ -98,7 +98,17 @@ def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None
     )
     follow.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default now
     pull.add_argument("--sha256", help="expected SHA-256 of the file")
-    pull.add_argument("--filename", help="file name under the models directory")
+    pull.add_argument(
+        "--filename",
+        help="file name under the models directory; with hf://owner/repo, a pattern that "
+        "picks the file (or the shards of one split GGUF)",
+    )
+    pull.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="with hf://owner/repo: pull every file matching PATTERN as one model (repeatable)",
+    )
     pull.add_argument("--type", dest="model_type", choices=["llm", "embedding"], help="model type")
     ls = commands.add_parser("ls", parents=[common], help="list downloads")
     ls.add_argument("--all", action="store_true", help="include ended downloads")
@@ -141,6 +151,11 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve(settings: Settings) -> int:
     from kernel.api.app import create_app
     from kernel.core import Kernel
+    from kernel.serving import RateLimitedErrors, raise_nofile_limit, server_config
+
+    # One repeated loop error (accept() failing with EMFILE) is logged once per interval.
+    asyncio.get_running_loop().set_exception_handler(RateLimitedErrors())
+    raise_nofile_limit()
 
     try:
         kernel = Kernel(settings)
@@ -149,13 +164,8 @@ async def _serve(settings: Settings) -> int:
         print(f"modelkernel: {exc.message}", file=sys.stderr)  # noqa: T201
         return 1
     app = create_app(kernel)
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=1,
+    config = server_config(
+        app, settings.server, log_config=None, access_log=False, timeout_graceful_shutdown=1
     )
     server = _Server(config, on_exit=app.state.event_streams.close)
     log.info("server.listening", host=settings.server.host, port=settings.server.port)
@@ -277,7 +287,10 @@ def _pull(client: Client, args: argparse.Namespace) -> int:
             )
             return EXIT_API
     wait = not args.detach
-    opts = {"sha256": args.sha256, "filename": args.filename, "model_type": args.model_type}
+    opts = {
+        "sha256": args.sha256, "filename": args.filename, "model_type": args.model_type,
+        "include": args.include,
+    }  # fmt: skip
     try:
         created = client.create(model_id, args.ref, **opts)
     except ApiError as exc:
@@ -337,12 +350,18 @@ def _follow(client: Client, model_id: str) -> Download:
     final = None
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(model_id, total=None)
+        shards: dict[str, Any] = {}  # a multi-file download: one bar per file under the total
         for final in client.follow(model_id):
             total = final.progress.total_bytes or None
             label = model_id if final.status == "downloading" else f"{model_id} ({final.status})"
             bar.update(
                 task, completed=final.progress.downloaded_bytes, total=total, description=label
             )
+            for f in final.files if isinstance(final.files, list) else []:
+                if f.path not in shards:
+                    shards[f.path] = bar.add_task(f"  {f.path}", total=None)
+                size = f.total_bytes or None
+                bar.update(shards[f.path], completed=f.downloaded_bytes, total=size)
     assert final is not None
     return final
 
@@ -403,6 +422,9 @@ def _show(client: Client, args: argparse.Namespace) -> int:
         how = "at once" if engine.load_immediately else "on first use"
         name = engine.inference_engine if isinstance(engine.inference_engine, str) else "engine"
         lines.append(("engine", f"{name} on GPU {engine.main_gpu_id}, loads {how}"))
+    for f in d.files if isinstance(d.files, list) else []:
+        size = _size(f.total_bytes) if f.total_bytes else "?"
+        lines.append(("file", f"{f.path} {f.status} {f.percentage:.1f}% of {size}"))
     width = max(len(label) for label, _ in lines) + 1
     for label, value in lines:
         _out(f"{(label + ':').ljust(width)} {value}")

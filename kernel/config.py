@@ -28,6 +28,7 @@ __all__ = [
     "FleetSettings",
     "HubSettings",
     "ModelEntry",
+    "NetworkSettings",
     "PluginSettings",
     "Rate",
     "RateLimitSettings",
@@ -58,6 +59,10 @@ class ServerSettings(_Section):
     # Host header names accepted besides loopback ones while bound to loopback (DNS rebinding);
     # ".example.com" also matches its subdomains, "*" turns the check off.
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Open connections at most (a new one past it closes the longest-idle one; kernel/serving.py)
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+    # Seconds a new connection has to send its request head before it is closed
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class StorageSettings(_Section):
@@ -112,6 +117,17 @@ class SourcesSettings(_Section):
     huggingface: HubSettings = msgspec.field(default_factory=HubSettings)
 
 
+class NetworkSettings(_Section):
+    """How the downloader reaches origins. ``ca_bundle``: a PEM file (or a directory of hashed
+    certificates) trusted instead of the system store; see kernel/tls.py for the order."""
+
+    ca_bundle: str | None = None
+    # Destination policy (kernel/netpolicy.py): CIDRs and host names; allow wins over deny
+    allow: list[str] = msgspec.field(default_factory=list)
+    deny: list[str] = msgspec.field(default_factory=list)
+    deny_private: bool = False  # also refuse loopback and private ranges (multi-tenant)
+
+
 class PluginSettings(_Section):
     disable: list[str] = msgspec.field(default_factory=list)
 
@@ -145,6 +161,7 @@ class FleetSettings(_Section):
     lease_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 15.0
     heartbeat_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 3.0
     poll_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+    listen: bool = True  # LISTEN/NOTIFY; false behind poolers that drop it (PgBouncer)
 
 
 class S3CacheSettings(_Section):
@@ -170,6 +187,7 @@ class Settings(_Section):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
     sources: SourcesSettings = msgspec.field(default_factory=SourcesSettings)
+    network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
     models: list[ModelEntry] = msgspec.field(default_factory=list)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)

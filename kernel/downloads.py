@@ -19,7 +19,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -34,6 +34,8 @@ from kernel.errors import (
     KernelError,
 )
 from kernel.events import EventBus
+from kernel.fileset import FileSetTransfer
+from kernel.netpolicy import NetPolicy
 from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
 from kernel.types import (
@@ -45,7 +47,13 @@ from kernel.types import (
     DownloadStore,
     EngineCreated,
     EngineSpec,
+    FileRecord,
+    FileSetSource,
     ModelType,
+    NamedSource,
+    PickingSource,
+    RemoteFile,
+    Source,
     Status,
 )
 from kernel.validation import validate_filename, validate_model_id, validate_url
@@ -149,7 +157,7 @@ class DownloadManager:
 
     def _report_orphan_parts(self) -> None:
         """A ``.part`` no record owns is reported, never deleted silently."""
-        owned = {rec.part_path for rec in self.records.values()}
+        owned = {path for rec in self.records.values() for path in rec.part_paths()}
         for part in self.models_dir.glob("*/*.part"):
             if str(part) not in owned:
                 log.warning("download.orphan_part", path=str(part), bytes=part.stat().st_size)
@@ -210,21 +218,43 @@ class DownloadManager:
         priority: int = 0,
         engine: EngineSpec | None = None,
         max_bytes_per_second: int = 0,
+        include: builtins.list[str] | None = None,
     ) -> DownloadRecord:
         validate_model_id(model_id)
         validate_url(url)
+        NetPolicy(self.settings.network).check_url(url)  # a refused host or address: 400
         if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
             raise InvalidRequest("sha256 must be 64 hexadecimal characters.", param="sha256")
         _check_rate(max_bytes_per_second)
+        if include is not None and (
+            not include or any(not p or len(p) > 1024 for p in include) or len(include) > 100
+        ):
+            raise InvalidRequest(
+                "include must be a list of 1 to 100 non-empty file name patterns.", param="include"
+            )
         source = self.plugins.resolve_source(url)
+        remote: builtins.list[RemoteFile] | None = None
         try:
-            resolve_filename = getattr(source, "resolve_filename", None)
-            if resolve_filename is not None:
+            if isinstance(source, FileSetSource):
+                # A split GGUF's shards, or a repository's files picked by include patterns.
+                remote = await source.resolve_files(filename, include)
+            elif include is not None:
+                raise InvalidRequest(
+                    f"include picks several files of a repository (hf://owner/repo); {url} "
+                    "names one file.",
+                    param="include",
+                )
+            if remote is not None:
+                name = ""
+            elif isinstance(source, PickingSource):
                 # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf":
                 # it lists the repository); its ref then names that one file, kept in the record.
-                filename = await resolve_filename(filename)
+                filename = await source.resolve_filename(filename)
                 url = source.ref
-            name = validate_filename(filename) if filename else _default_filename(source, model_id)
+            if remote is None:
+                name = (
+                    validate_filename(filename) if filename else _default_filename(source, model_id)
+                )
         finally:
             await source.aclose()  # the transfer task resolves its own
         if engine is not None:
@@ -235,10 +265,17 @@ class DownloadManager:
                 raise DownloadExists(model_id, existing.status)
             self._seq += 1
             now = now_ms()
+            files = None if remote is None else _file_records(self.models_dir / model_id, remote)
             rec = DownloadRecord(
                 model_id=model_id,
                 url=url,
-                local_path=str(self.models_dir / model_id / name),
+                local_path=(
+                    str(self.models_dir / model_id / name)
+                    if files is None
+                    else _primary(self.models_dir / model_id, files)
+                ),
+                files=files,
+                total_bytes=sum(f.size for f in files) if files else 0,
                 download_type="startup" if engine is not None else "regular",
                 model_type=model_type,
                 engine=engine,
@@ -262,6 +299,9 @@ class DownloadManager:
         """A ``.part`` left by the ended download this one replaces is continued when it is the
         same file (same URL and path: its validator guards the resume); any other ``.part`` at
         this path is someone else's bytes and is removed, so two files are never spliced."""
+        if rec.files is not None or (old is not None and old.files is not None):
+            await self._adopt_or_drop_parts(rec, old)
+            return
         if old is not None and old.url == rec.url and old.local_path == rec.local_path:
             rec.file_validator = old.file_validator  # what the final file, if any, is
             if old.validator:
@@ -271,6 +311,27 @@ class DownloadManager:
                 return
         if await asyncio.to_thread(_remove, rec.part_path):
             log.info("download.stale_part_removed", path=rec.part_path)
+
+    async def _adopt_or_drop_parts(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
+        """The same rule for a set of files, file by file: a file of the old set with the same
+        reference and place continues from its ``.part`` (or is found in place)."""
+        if rec.files is None:
+            if await asyncio.to_thread(_remove, rec.part_path):
+                log.info("download.stale_part_removed", path=rec.part_path)
+            return
+        kept: dict[str, FileRecord] = {}
+        if old is not None and old.files is not None:
+            kept = {f.local_path: f for f in old.files}
+        for f in rec.files:
+            before = kept.get(f.local_path)
+            if before is not None and before.url == f.url:
+                f.file_validator = before.file_validator  # what the final file, if any, is
+                if before.validator:
+                    f.validator, f.segments = before.validator, before.segments
+                    f.size = before.size or f.size
+                    continue
+            if await asyncio.to_thread(_remove, f.part_path):
+                log.info("download.stale_part_removed", path=f.part_path)
 
     async def ensure_startup(
         self, model_id: str, url: str, model_type: ModelType, engine: EngineSpec
@@ -304,8 +365,10 @@ class DownloadManager:
             rec = self.get(model_id)
             deleted = False
             if delete_file:
-                deleted = await asyncio.to_thread(_remove, rec.local_path)
-                await asyncio.to_thread(_remove, rec.part_path)
+                for path in rec.final_paths():
+                    deleted = await asyncio.to_thread(_remove, path) or deleted
+                for path in rec.part_paths():
+                    await asyncio.to_thread(_remove, path)
             del self.records[model_id]
             self.view_cache.pop(model_id, None)
             self.writer.delete(model_id)  # after every save queued for it, never before
@@ -399,7 +462,8 @@ class DownloadManager:
             if rec.status in TERMINAL:
                 raise InvalidState(model_id, "cancel", rec.status)
             if previous != "creating_engine":
-                await asyncio.to_thread(_remove, rec.part_path)
+                for path in rec.part_paths():
+                    await asyncio.to_thread(_remove, path)
             self._set_status(rec, "cancelled")
             self._schedule()
             return rec, previous
@@ -475,21 +539,24 @@ class DownloadManager:
         model_id = rec.model_id
         with structlog.contextvars.bound_contextvars(model_id=model_id):
             try:
-                source = self.plugins.resolve_source(rec.url)
-                transfer = Transfer(
-                    rec,
-                    source,
-                    self.settings.downloads,
-                    on_progress=self._on_progress,
-                    on_finalizing=lambda: self._phase.__setitem__(model_id, "finalizing"),
-                    shared_bucket=self.bucket,
-                    on_bytes=self._on_bytes,
-                    on_retry=self._on_retry,
-                )
-                try:
-                    await transfer.run()
-                finally:
-                    await source.aclose()
+                callbacks: dict[str, Any] = {
+                    "on_progress": self._on_progress,
+                    "on_finalizing": lambda: self._phase.__setitem__(model_id, "finalizing"),
+                    "shared_bucket": self.bucket,
+                    "on_bytes": self._on_bytes,
+                    "on_retry": self._on_retry,
+                    "verifier": self.engines.verifier(rec.engine),
+                }
+                if rec.files is not None:
+                    await FileSetTransfer(
+                        rec, self.plugins.resolve_source, self.settings.downloads, **callbacks
+                    ).run()
+                else:
+                    source = self.plugins.resolve_source(rec.url)
+                    try:
+                        await Transfer(rec, source, self.settings.downloads, **callbacks).run()
+                    finally:
+                        await source.aclose()
             except asyncio.CancelledError:
                 self._persist(rec)  # checkpoint the bytes on disk; the canceller sets status
                 self._task_done(rec)
@@ -597,11 +664,49 @@ def _check_rate(max_bytes_per_second: int) -> None:
 
 
 def _snapshot(rec: DownloadRecord) -> DownloadRecord:
-    return msgspec.structs.replace(rec)
+    if rec.files is None:
+        return msgspec.structs.replace(rec)
+    files = [
+        msgspec.structs.replace(f, segments=[list(s) for s in f.segments] if f.segments else None)
+        for f in rec.files
+    ]
+    return msgspec.structs.replace(rec, files=files)
 
 
-def _default_filename(source: object, model_id: str) -> str:
-    name = getattr(source, "filename", None)
+def _file_records(directory: Path, remote: builtins.list[RemoteFile]) -> builtins.list[FileRecord]:
+    """The set's files under the model's directory; every path component is checked."""
+    records = []
+    seen: set[str] = set()
+    for item in remote:
+        parts = item.path.split("/")
+        for part in parts:
+            validate_filename(part, param="url")
+        if item.path.lower() in seen:
+            raise InvalidRequest(f"The file {item.path!r} is listed twice.", param="url")
+        seen.add(item.path.lower())
+        records.append(
+            FileRecord(
+                path=item.path,
+                url=item.ref,
+                local_path=str(directory.joinpath(*parts)),
+                size=item.size or 0,
+                expected_sha256=item.sha256.lower() if item.sha256 else None,
+            )
+        )
+    return records
+
+
+def _primary(directory: Path, files: builtins.list[FileRecord]) -> str:
+    """What engines load: the first GGUF of the set (a split model's first shard), the one
+    file of a one-file set, else the model's directory."""
+    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
+    if ggufs:
+        return ggufs[0].local_path
+    return files[0].local_path if len(files) == 1 else str(directory)
+
+
+def _default_filename(source: Source, model_id: str) -> str:
+    name = source.filename if isinstance(source, NamedSource) else None
     try:
         return validate_filename(name) if name else f"{model_id}.bin"
     except InvalidRequest:

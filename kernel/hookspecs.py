@@ -75,8 +75,10 @@ def on_event(event: Event) -> Awaitable[None] | None:
     ``download.progress``, ``engine.created``).
 
     Called for every plugin, in the event loop; keep it quick or return an awaitable (the kernel
-    awaits it in a background task, so a slow observer never slows a transfer). An exception is
-    logged and otherwise ignored.
+    awaits it in a background task, so a slow observer never slows a transfer). Each observer is
+    called through pluggy in a hook call of its own, so an exception is logged and never keeps
+    the event from the other observers, and a ``wrapper=True`` implementation wraps each
+    observer's call (it sees that observer's result or exception).
     """
 
 

@@ -36,6 +36,7 @@ BUILTINS: dict[str, str] = {
     "http_source": "plugins.http_source",
     "sqlite_store": "plugins.sqlite_store",
     "pg_store": "plugins.pg_store",
+    "s3_cache": "plugins.s3_cache",
     "engine_llamacpp": "plugins.engine_llamacpp",
 }
 
@@ -75,6 +76,8 @@ class Plugins:
         self.pm = pm
         self.settings = settings
         self._pending: set[asyncio.Task[None]] = set()
+        self._observer_key: tuple[Any, ...] = ()
+        self._observer_callers: list[tuple[str, Any]] = []
 
     def names(self) -> list[str]:
         return sorted(n for n, p in self.pm.list_name_plugin() if p is not None)
@@ -111,22 +114,42 @@ class Plugins:
         ]
 
     def emit(self, event: Event) -> None:
-        """Tell every observer about ``event``. Each is called on its own, so one that raises
-        is logged and never hides the event from the rest; awaitables run in background tasks."""
-        for impl in reversed(self.pm.hook.on_event.get_hookimpls()):
+        """Tell every observer about ``event`` through pluggy, one hook call per observer: one
+        that raises is logged and never hides the event from the rest, while wrappers, tracing
+        and implementations that take fewer arguments work as for any hook. Awaitables run in
+        background tasks."""
+        for name, call in self._observers():
             try:
-                result = impl.function(event=event)
+                results = call(event=event)
             except Exception:
                 log.exception(
-                    "plugin.on_event_failed",
-                    plugin=impl.plugin_name,
-                    event_type=type(event).__name__,
+                    "plugin.on_event_failed", plugin=name, event_type=type(event).__name__
                 )
                 continue
-            if inspect.isawaitable(result):
-                task = asyncio.ensure_future(self._guard(result, impl.plugin_name))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
+            for result in results:
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(self._guard(result, name))
+                    self._pending.add(task)
+                    task.add_done_callback(self._pending.discard)
+
+    def _observers(self) -> list[tuple[str, Any]]:
+        """``(plugin name, hook caller)`` per ``on_event`` observer, in pluggy's call order; each
+        caller is the hook restricted to that observer plus every wrapper. Rebuilt only when the
+        registered implementations change."""
+        impls = tuple(self.pm.hook.on_event.get_hookimpls())
+        if self._observer_key != impls:
+            plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+            self._observer_callers = [
+                (
+                    impl.plugin_name,
+                    self.pm.subset_hook_caller(
+                        "on_event", [o.plugin for o in plain if o is not impl]
+                    ),
+                )
+                for impl in reversed(plain)
+            ]
+            self._observer_key = impls
+        return self._observer_callers
 
     async def startup(self, kernel: object) -> None:
         await self._all(self.pm.hook.startup(kernel=kernel))

@@ -16,7 +16,14 @@ __all__ = [
     "ACTIVE",
     "STATUSES",
     "TERMINAL",
+    "BlockingBody",
     "Body",
+    "ChatEngine",
+    "CheckingBackend",
+    "CountingEmbedder",
+    "CountingEngine",
+    "DescribedBackend",
+    "DescribedEngine",
     "DownloadCreated",
     "DownloadProgress",
     "DownloadRecord",
@@ -27,10 +34,21 @@ __all__ = [
     "EngineCreated",
     "EngineSpec",
     "Event",
+    "FileRecord",
+    "FileSetSource",
+    "GeneratingEngine",
     "GpuInfo",
+    "LazyEngine",
+    "NamedSource",
+    "PickingSource",
+    "Piece",
     "Probe",
+    "RangedSource",
+    "RemoteFile",
+    "Sampling",
     "Source",
     "Status",
+    "VerifyingBackend",
 ]
 
 Status: TypeAlias = Literal[
@@ -59,6 +77,30 @@ class EngineSpec(msgspec.Struct, kw_only=True):
     main_gpu_id: int = 0
     inference_engine: str = "llama-cpp"
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+FileStatus: TypeAlias = Literal["pending", "downloading", "done"]
+
+
+class FileRecord(msgspec.Struct, kw_only=True):
+    """One file of a multi-file download (a shard of a split GGUF, a file of a repository):
+    its own reference, place, progress and resume state, as a single download keeps them."""
+
+    path: str  # relative to the download's directory (the shard's name, a path in the repo)
+    url: str  # the file's own reference, pinned to the commit the set was resolved at
+    local_path: str
+    size: int = 0  # 0 = not known yet
+    downloaded_bytes: int = 0
+    status: FileStatus = "pending"
+    expected_sha256: str | None = None
+    sha256: str | None = None  # set once verified
+    validator: str | None = None
+    file_validator: str | None = None  # the one the completed file at local_path has
+    segments: list[list[int]] | None = None
+
+    @property
+    def part_path(self) -> str:
+        return self.local_path + ".part"
 
 
 class DownloadRecord(msgspec.Struct, kw_only=True):
@@ -91,10 +133,26 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     # This run's starting point, for the average speed (bytes in this run / seconds in it).
     run_started_at: int = 0
     run_start_bytes: int = 0
+    # A set of files under one model id (None = one file, ``local_path``). ``local_path`` is
+    # then what engines load (a split GGUF's first shard) or the model's directory, and the
+    # byte counters are the sums over the files.
+    files: list[FileRecord] | None = None
 
     @property
     def part_path(self) -> str:
         return self.local_path + ".part"
+
+    def part_paths(self) -> list[str]:
+        """Every ``.part`` file this download may own."""
+        if self.files is None:
+            return [self.part_path]
+        return [f.part_path for f in self.files]
+
+    def final_paths(self) -> list[str]:
+        """Every file this download puts in place."""
+        if self.files is None:
+            return [self.local_path]
+        return [f.local_path for f in self.files]
 
 
 class Probe(msgspec.Struct, kw_only=True):
@@ -135,13 +193,99 @@ class Source(Protocol):
 
     async def open(self, offset: int, validator: str | None) -> Body:
         """Open the body at ``offset``; with a validator, only if the file is still that one
-        (If-Range). Raises TransientError / PermanentError / ValidatorChanged.
-
-        A source that sets ``supports_segments = True`` also accepts ``end=`` (the last byte,
-        inclusive) so the kernel can fetch a large file over several connections."""
+        (If-Range). Raises TransientError / PermanentError / ValidatorChanged."""
         ...
 
     async def aclose(self) -> None: ...
+
+
+# --- optional capabilities of a Source (and its bodies) -----------------------------------
+# A source declares one by having its members; the kernel checks with isinstance against
+# these Protocols and never probes for anything else. A class may also list them as bases
+# (``class MySource(RangedSource, NamedSource)``) so that mypy checks the signatures.
+
+
+@runtime_checkable
+class RangedSource(Protocol):
+    """A Source that can fetch one byte range, so a large file comes over several
+    connections at once (segmented) when ``supports_segments`` is True."""
+
+    supports_segments: bool
+
+    async def open(self, offset: int, validator: str | None, end: int | None = None) -> Body:
+        """As ``Source.open``, stopping after byte ``end`` (inclusive) when it is given."""
+        ...
+
+
+@runtime_checkable
+class NamedSource(Protocol):
+    """A Source that knows the file's name before probing it (the last part of a URL path, a
+    file in a repository); the download is saved under it when the request names none."""
+
+    @property
+    def filename(self) -> str | None: ...
+
+
+@runtime_checkable
+class PickingSource(Protocol):
+    """A Source whose reference may name several files (a repository) and that picks one
+    with the request's ``filename`` (a name or a glob). After ``resolve_filename``, ``ref``
+    names that one file; the kernel records it."""
+
+    ref: str
+
+    async def resolve_filename(self, filename: str | None) -> str | None:
+        """The file name to save the chosen file under (None: the kernel picks one). Raises
+        InvalidRequest(param="filename") when nothing or more than one file matches."""
+        ...
+
+
+@runtime_checkable
+class BlockingBody(Protocol):
+    """A body that can be read off the event loop (the fast path, kernel.pump): the kernel
+    reads it from a worker thread straight into its block buffer."""
+
+    start: int
+    total: int | None
+    validator: str | None
+
+    def readinto_blocking(self, view: memoryview, flush_s: float) -> int:
+        """Fill ``view``; return when it is full, at the end of the body, or after ``flush_s``
+        seconds holding at least one byte. 0 only at the end. Raises TransientError (stall,
+        network) or PermanentError. Called from a worker thread."""
+        ...
+
+    def interrupt(self) -> None:
+        """Make a ``readinto_blocking`` in progress return soon (thread-safe)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class RemoteFile(Protocol):
+    """One file of a set a source resolved: where it goes and how to fetch it."""
+
+    path: str  # relative to the download's directory; "/"-separated, no "." or ".."
+    ref: str  # a reference ``resolve_source`` understands, naming exactly this file
+    size: int | None
+    sha256: str | None
+
+
+@runtime_checkable
+class FileSetSource(Protocol):
+    """A Source whose reference may name several files that make one model (the shards of a
+    split GGUF, a repository's files picked by ``include`` patterns)."""
+
+    ref: str
+
+    async def resolve_files(
+        self, filename: str | None, include: list[str] | None
+    ) -> list[RemoteFile] | None:
+        """The files of the set, in order (a split GGUF's first shard first), or None when the
+        reference (with ``filename``) names a single file. Raises InvalidRequest when the
+        files match more than one model or a set is incomplete, listing them."""
+        ...
 
 
 @runtime_checkable
@@ -184,6 +328,36 @@ class Engine(Protocol):
     async def close(self) -> None: ...
 
 
+class Sampling(msgspec.Struct, kw_only=True, frozen=True):
+    """How to generate text: OpenAI's sampling fields, validated by the API, with OpenAI's
+    defaults (so ``temperature`` 1 and ``top_p`` 1 sample from the whole distribution)."""
+
+    max_tokens: int | None = 16  # None: until the context ends
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed for this request
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    logprobs: int | None = None  # how many alternatives per token; None: no logprobs
+    echo: bool = False  # completions only: the prompt comes first in the text
+
+
+class Piece(msgspec.Struct, kw_only=True):
+    """Some generated text (usually one token) from an engine's ``generate`` or ``chat``.
+
+    The last piece of a generation has ``finish_reason`` (``stop``, ``length``) and the token
+    counts. ``logprobs`` is OpenAI's completions shape (``tokens``, ``token_logprobs``,
+    ``top_logprobs``, ``text_offset``) for the tokens of this piece."""
+
+    text: str = ""
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 @runtime_checkable
 class EngineBackend(Protocol):
     """Builds engines from model files. Returned (in a list) by ``register_engine_backends``."""
@@ -194,6 +368,111 @@ class EngineBackend(Protocol):
     async def create(
         self, model_id: str, path: str, model_type: str, spec: EngineSpec
     ) -> Engine: ...
+
+
+# --- optional capabilities of an EngineBackend and its Engines ---------------------------
+# As for sources: declared by having the members, checked with isinstance, nothing else.
+
+
+@runtime_checkable
+class CheckingBackend(Protocol):
+    """A backend that rejects bad ``loading_parameters`` when the request is made."""
+
+    def check(self, spec: EngineSpec, *, prefix: str = "") -> None:
+        """Raise InvalidRequest(param=prefix + "loading_parameters...") for a bad spec."""
+        ...
+
+
+@runtime_checkable
+class VerifyingBackend(Protocol):
+    """A backend that checks downloaded files are ones it can load, before the kernel keeps
+    them. The kernel asks the backend the download will be loaded with: its
+    ``engine_creation.inference_engine``, else the default backend. Both methods are
+    blocking (the kernel calls them in a worker thread) and raise PermanentError with a
+    sentence saying what is wrong."""
+
+    def verify_file(self, path: str, name: str) -> None:
+        """Check one complete file: its bytes are at ``path`` (the ``.part``), ``name`` is the
+        file name it will have. A rejected file is removed and the download fails."""
+        ...
+
+    def verify_set(self, paths: list[str]) -> None:
+        """Check the files of a multi-file download together (in order), once all are in
+        place: a split model's shards belong to one model, none is missing."""
+        ...
+
+
+@runtime_checkable
+class DescribedBackend(Protocol):
+    """What ``GET /v1/engines`` shows of a backend beyond its name and aliases."""
+
+    @property
+    def description(self) -> str | None: ...
+
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def available(self) -> bool:
+        """False when its optional dependency is not installed."""
+        ...
+
+
+@runtime_checkable
+class LazyEngine(Protocol):
+    """An engine that loads on first use: ``loaded``, ``loading`` or ``unloaded``."""
+
+    @property
+    def state(self) -> str: ...
+
+
+@runtime_checkable
+class DescribedEngine(Protocol):
+    """An engine with facts to show (context size, layers, file, ...)."""
+
+    @property
+    def details(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class GeneratingEngine(Protocol):
+    """An engine that streams completions and honours every Sampling field."""
+
+    def generate(self, prompt: str | list[int], sampling: Sampling) -> AsyncIterator[Piece]:
+        """Pieces for ``prompt`` (text or token ids); the last has ``finish_reason`` and
+        the token counts. Stops when closed."""
+        ...
+
+
+@runtime_checkable
+class ChatEngine(Protocol):
+    """An engine that answers chat messages; ``supports_chat`` says whether this model can
+    (a GGUF without a chat template cannot)."""
+
+    @property
+    def supports_chat(self) -> bool: ...
+
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Piece]: ...
+
+
+@runtime_checkable
+class CountingEngine(Protocol):
+    """An engine whose completions report token counts (the OpenAI ``usage`` block)."""
+
+    async def complete_detailed(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """``{text, finish_reason, prompt_tokens, completion_tokens}``."""
+        ...
+
+
+@runtime_checkable
+class CountingEmbedder(Protocol):
+    """An engine whose embeddings report the prompt token count and take token ids."""
+
+    async def embed_detailed(
+        self, texts: list[str] | list[list[int]]
+    ) -> tuple[list[list[float]], int]:
+        """One vector per text (or list of token ids), and the prompt token count."""
+        ...
 
 
 # --- bus events: frozen, tagged with the event name --------------------------------------

@@ -70,4 +70,4 @@ async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:  # type:
 
 # --- fleet: a throwaway PostgreSQL (and S3), started once per session when a test asks ------
 
-from tests.helpers.fleet import pg_cluster, pg_dsn  # noqa: E402,F401
+from tests.helpers.fleet import pg_cluster, pg_dsn, s3_bucket, seaweed  # noqa: E402,F401

@@ -18,16 +18,19 @@ import msgspec
 import pytest
 from pytest_httpx import HTTPXMock
 
-from kernel.config import HubSettings, Settings, SourcesSettings
+from kernel.config import HubSettings, NetworkSettings, Settings, SourcesSettings
 from kernel.core import Kernel
 from kernel.errors import InvalidRequest, PermanentError, TransientError, ValidatorChanged
+from kernel.pump import is_blocking
 from plugins import hf_source
 from plugins.hf_source import HubSource
 from plugins.http_source import HttpSource
+from plugins.http_source import source as http_source_module
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
 from tests.helpers.hub import Hub, gguf_blob
 from tests.helpers.origin import Origin
+from tests.helpers.tls import TestCA
 
 TOKEN = "hf_test_token_0123456789"
 AUTH = f"Bearer {TOKEN}"
@@ -224,7 +227,7 @@ async def test_resume_continues_when_the_branch_moved_but_the_file_did_not(
     assert ("HEAD", f"/owner/repo/resolve/{new_commit}/model.gguf") in hub_paths(hub)
 
 
-async def test_tampered_cdn_body_fails_verification_with_both_digests(
+async def test_tampered_cdn_body_fails_verification_naming_only_the_expected_digest(
     client: Any, hub: Hub, origin: Origin
 ) -> None:
     data = gguf_blob(400_000, 7)
@@ -234,7 +237,7 @@ async def test_tampered_cdn_body_fails_verification_with_both_digests(
     message = await failed_with(client, "tampered", "hf://owner/repo/model.gguf")
     assert "Checksum mismatch" in message
     assert sha(data) in message
-    assert sha(tampered) in message
+    assert sha(tampered) not in message  # what was fetched stays in the server log
 
 
 async def test_small_files_are_served_by_the_hub_itself_with_the_token(
@@ -425,7 +428,8 @@ async def test_pattern_matching_several_files_is_a_400_listing_them(client: Any,
     error = assert_error(response, 400, "invalid_request_error", param="filename")
     assert error["message"] == (
         "The filename '*K_M.gguf' matches 2 files in owner/repo@main: model-Q4_K_M.gguf, "
-        "model-Q5_K_M.gguf; give a pattern that matches exactly one."
+        "model-Q5_K_M.gguf; give a pattern that matches one model (one file, or the shards of "
+        "one split GGUF)."
     )
     assert (await client.get("/v1/downloads/pat")).status_code == 404
 
@@ -510,9 +514,13 @@ CDN = f"https://cdn-lfs.hf.co/repos/aa/bb/{LFS_SHA}"
 SIGNED = f"{CDN}?X-Amz-Expires=3600&X-Amz-Signature=s3cr3t"
 
 
-def source_for(ref: str, *, endpoint: str | None = None, token: str | None = "hf_pin") -> HubSource:
+def source_for(
+    ref: str, *, endpoint: str | None = None, token: str | None = "hf_pin",
+    ca_bundle: str | None = None,
+) -> HubSource:  # fmt: skip
     settings = Settings(
-        sources=SourcesSettings(huggingface=HubSettings(endpoint=endpoint, token=token))
+        sources=SourcesSettings(huggingface=HubSettings(endpoint=endpoint, token=token)),
+        network=NetworkSettings(ca_bundle=ca_bundle),
     )
     source = hf_source.resolve_source(ref=ref, settings=settings)
     assert isinstance(source, HubSource)
@@ -540,82 +548,6 @@ async def read_all(source: HubSource, offset: int = 0, validator: str | None = N
         return b"".join([chunk async for chunk in body.chunks()])
     finally:
         await body.aclose()
-
-
-async def test_probe_and_open_send_the_token_to_the_hub_and_never_to_the_cdn(
-    httpx_mock: HTTPXMock,
-) -> None:
-    add_lfs_file(httpx_mock)
-    httpx_mock.add_response(method="GET", url=SIGNED, content=DATA, headers={"etag": '"cdn-1"'})
-    source = source_for("hf://owner/repo/model.gguf@main")
-    try:
-        probe = await source.probe()
-        assert await read_all(source) == DATA
-    finally:
-        await source.aclose()
-    assert probe.size == len(DATA)
-    assert probe.accept_ranges
-    assert probe.sha256 == LFS_SHA
-    assert probe.validator == f'"{LFS_SHA}"'
-    assert probe.final_url == f"{HF}/owner/repo/resolve/{COMMIT}/model.gguf"
-    assert source.commit == COMMIT
-    assert source.filename == "model.gguf"
-    requests = httpx_mock.get_requests()
-    assert [(r.method, str(r.url)) for r in requests] == [
-        ("HEAD", f"{HF}/owner/repo/resolve/main/model.gguf"),
-        ("HEAD", f"{HF}/owner/repo/resolve/{COMMIT}/model.gguf"),
-        ("GET", SIGNED),
-    ]
-    assert requests[0].headers["authorization"] == "Bearer hf_pin"
-    assert requests[1].headers["authorization"] == "Bearer hf_pin"
-    assert "authorization" not in requests[2].headers
-    assert "range" not in requests[2].headers
-    assert all(r.headers["accept-encoding"] == "identity" for r in requests)
-
-
-async def test_resume_sends_range_and_if_range_only_with_the_cdns_own_etag(
-    httpx_mock: HTTPXMock,
-) -> None:
-    add_lfs_file(httpx_mock)
-    httpx_mock.add_response(method="HEAD", url=f"{HF}/owner/repo/resolve/{COMMIT}/model.gguf",
-                            status_code=302, headers=redirect_headers())  # fmt: skip
-    httpx_mock.add_response(method="GET", url=SIGNED, content=DATA, headers={"etag": '"cdn-1"'})
-    tail = {"etag": '"cdn-1"', "content-range": f"bytes 100-{len(DATA) - 1}/{len(DATA)}"}
-    httpx_mock.add_response(
-        method="GET", url=SIGNED, status_code=206, content=DATA[100:], headers=tail
-    )
-    source = source_for("hf://owner/repo/model.gguf@main")
-    try:
-        await source.probe()
-        await read_all(source)
-        body = await source.open(100, f'"{LFS_SHA}"')  # a retry within this run
-        assert (body.start, body.total, body.validator) == (100, len(DATA), f'"{LFS_SHA}"')
-        await body.aclose()
-    finally:
-        await source.aclose()
-    resumed = httpx_mock.get_requests()[-1]
-    assert resumed.headers["range"] == "bytes=100-"
-    assert resumed.headers["if-range"] == '"cdn-1"'  # not the LFS etag: the CDN's own
-    assert "authorization" not in resumed.headers
-
-
-async def test_resume_after_a_pause_sends_range_without_a_foreign_if_range(
-    httpx_mock: HTTPXMock,
-) -> None:
-    add_lfs_file(httpx_mock)
-    tail = {"etag": '"cdn-1"', "content-range": f"bytes 100-{len(DATA) - 1}/{len(DATA)}"}
-    httpx_mock.add_response(
-        method="GET", url=SIGNED, status_code=206, content=DATA[100:], headers=tail
-    )
-    source = source_for("hf://owner/repo/model.gguf@main")  # a new run: a new source
-    try:
-        await source.probe()
-        assert await read_all(source, 100, f'"{LFS_SHA}"') == DATA[100:]
-    finally:
-        await source.aclose()
-    resumed = httpx_mock.get_requests()[-1]
-    assert resumed.headers["range"] == "bytes=100-"
-    assert "if-range" not in resumed.headers
 
 
 async def test_open_with_another_files_validator_restarts_without_fetching(
@@ -705,31 +637,6 @@ async def test_relative_redirects_stay_on_the_hub_and_absolute_ones_are_the_cdn(
     assert [r.headers["authorization"] for r in httpx_mock.get_requests()] == ["Bearer hf_pin"] * 2
 
 
-async def test_small_file_bytes_come_from_the_pinned_hub_url_with_the_token(
-    httpx_mock: HTTPXMock,
-) -> None:
-    blob_id = '"' + "a" * 40 + '"'
-    meta = {"x-repo-commit": COMMIT, "etag": blob_id, "content-length": "5"}
-    httpx_mock.add_response(
-        method="HEAD", url=f"{HF}/owner/repo/resolve/main/config.json", headers=meta
-    )
-    pinned = f"{HF}/owner/repo/resolve/{COMMIT}/config.json"
-    httpx_mock.add_response(method="HEAD", url=pinned, headers=meta)
-    httpx_mock.add_response(
-        method="GET", url=pinned, content=b"{}\n\n\n", headers={"etag": blob_id}
-    )
-    source = source_for("hf://owner/repo/config.json")
-    try:
-        probe = await source.probe()
-        assert await read_all(source) == b"{}\n\n\n"
-    finally:
-        await source.aclose()
-    assert probe.sha256 is None
-    assert probe.size == 5
-    assert probe.validator == blob_id
-    assert httpx_mock.get_requests()[-1].headers["authorization"] == "Bearer hf_pin"
-
-
 @pytest.mark.parametrize(
     ("status", "headers", "error", "text"),
     [
@@ -761,28 +668,202 @@ async def test_hub_error_answers_become_typed_errors(
         assert excinfo.value.retry_after == 7.0
 
 
-async def test_cdn_errors_never_show_the_signed_query(httpx_mock: HTTPXMock) -> None:
-    add_lfs_file(httpx_mock)
-    httpx_mock.add_response(method="GET", url=SIGNED, status_code=403)
-    source = source_for("hf://owner/repo/model.gguf@main")
+# --- over TLS: a loopback hub and CDN with a test CA, bodies on the fast path ---------------------
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("hf-ca"))
+
+
+@pytest.fixture(scope="module")
+def tls_cdn_server(test_ca: TestCA) -> Iterator[Origin]:
+    with Origin(tls=test_ca.issue("cdn", ("localhost",)), host="localhost") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls_hub_server(tls_cdn_server: Origin, test_ca: TestCA) -> Iterator[Hub]:
+    with Hub(cdn=tls_cdn_server, tls=test_ca.issue("hub")) as server:
+        yield server
+
+
+@pytest.fixture
+def tls_hub(tls_hub_server: Hub) -> Iterator[Hub]:
+    """A hub on https://127.0.0.1 whose CDN is another origin, https://localhost."""
+    tls_hub_server.tokens.add(TOKEN)
+    try:
+        yield tls_hub_server
+    finally:
+        tls_hub_server.cdn.reset()
+        tls_hub_server.reset()
+
+
+def tls_source(hub: Hub, ca: TestCA, ref: str = "hf://owner/repo/model.gguf@main") -> HubSource:
+    return source_for(ref, endpoint=hub.base_url, token=TOKEN, ca_bundle=str(ca.ca_file))
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every URL a body was opened at on the fast path (the real function, watched)."""
+    seen: list[str] = []
+    real = http_source_module.open_response
+
+    def watched(url: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(url)
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(http_source_module, "open_response", watched)
+
+    async def no_httpx(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a body was read through httpx")
+
+    monkeypatch.setattr(HttpSource, "_open_httpx", no_httpx)
+    return seen
+
+
+async def test_hf_download_over_tls_takes_the_fast_path_to_the_cdn(
+    tmp_path: Path, tls_hub: Hub, test_ca: TestCA, opened: list[str]
+) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from kernel.api.app import create_app
+
+    data = gguf_blob(3 << 20, 40)
+    commit = tls_hub.add_repo("owner/repo", {"model.gguf": data})
+    settings = msgspec.structs.replace(
+        hub_settings(tmp_path, tls_hub.base_url, TOKEN),
+        network=NetworkSettings(ca_bundle=str(test_ca.ca_file)),
+    )
+    kernel = Kernel(settings, load_entrypoints=False)
+    async with AsyncTestClient(app=create_app(kernel)) as client:
+        await create(client, "tls-q", "hf://owner/repo/model.gguf")
+        done = await wait_status(client, "tls-q", "completed", "failed")
+    assert done["status"] == "completed", done
+    assert done["sha256"] == sha(data)
+    blob = Hub.blob_name(data)
+    assert [u.split("?")[0] for u in opened] == [tls_hub.cdn.url(blob)]  # the CDN, fast path
+    assert opened[0].startswith("https://localhost:")  # another host than the hub
+    assert hub_paths(tls_hub) == [
+        ("HEAD", "/owner/repo/resolve/main/model.gguf"),
+        ("HEAD", f"/owner/repo/resolve/{commit}/model.gguf"),
+    ]
+    cdn = tls_hub.cdn.requests_for(blob)
+    assert [r.method for r in cdn] == ["GET"]
+    assert "authorization" not in cdn[0].headers
+
+
+async def test_probe_and_open_send_the_token_to_the_hub_and_never_to_the_cdn(
+    tls_hub: Hub, test_ca: TestCA, opened: list[str]
+) -> None:
+    commit = tls_hub.add_repo("owner/repo", {"model.gguf": DATA})
+    source = tls_source(tls_hub, test_ca)
+    try:
+        probe = await source.probe()
+        body = await source.open(0, None)
+        assert is_blocking(body)  # the kernel pumps it in a worker thread
+        await body.aclose()
+        assert await read_all(source) == DATA
+    finally:
+        await source.aclose()
+    assert probe.size == len(DATA)
+    assert probe.accept_ranges
+    assert probe.sha256 == LFS_SHA
+    assert probe.validator == f'"{LFS_SHA}"'
+    assert probe.final_url == tls_hub.resolve_url("owner/repo", commit, "model.gguf")
+    assert source.commit == commit
+    assert [(r.method, r.path) for r in tls_hub.requests[:2]] == [
+        ("HEAD", "/owner/repo/resolve/main/model.gguf"),
+        ("HEAD", f"/owner/repo/resolve/{commit}/model.gguf"),
+    ]
+    assert all(r.headers["authorization"] == AUTH for r in tls_hub.requests)
+    cdn = tls_hub.cdn.requests_for(Hub.blob_name(DATA))
+    assert cdn and all("authorization" not in r.headers for r in cdn)
+    assert all("range" not in r.headers for r in cdn)
+    assert all(r.headers["accept-encoding"] == "identity" for r in cdn)
+
+
+async def test_resume_sends_range_and_if_range_only_with_the_cdns_own_etag(
+    tls_hub: Hub, test_ca: TestCA
+) -> None:
+    tls_hub.add_repo("owner/repo", {"model.gguf": DATA})
+    cdn_etag = tls_hub.cdn._files[Hub.blob_name(DATA)].etag
+    assert cdn_etag != f'"{LFS_SHA}"'
+    source = tls_source(tls_hub, test_ca)
     try:
         await source.probe()
+        await read_all(source)
+        body = await source.open(100, f'"{LFS_SHA}"')  # a retry within this run
+        assert (body.start, body.total, body.validator) == (100, len(DATA), f'"{LFS_SHA}"')
+        await body.aclose()
+    finally:
+        await source.aclose()
+    resumed = tls_hub.cdn.requests_for(Hub.blob_name(DATA))[-1]
+    assert resumed.headers["range"] == "bytes=100-"
+    assert resumed.headers["if-range"] == cdn_etag  # not the LFS etag: the CDN's own
+    assert "authorization" not in resumed.headers
+
+
+async def test_resume_after_a_pause_sends_range_without_a_foreign_if_range(
+    tls_hub: Hub, test_ca: TestCA
+) -> None:
+    tls_hub.add_repo("owner/repo", {"model.gguf": DATA})
+    source = tls_source(tls_hub, test_ca)  # a new run: a new source
+    try:
+        await source.probe()
+        assert await read_all(source, 100, f'"{LFS_SHA}"') == DATA[100:]
+    finally:
+        await source.aclose()
+    resumed = tls_hub.cdn.requests_for(Hub.blob_name(DATA))[-1]
+    assert resumed.headers["range"] == "bytes=100-"
+    assert "if-range" not in resumed.headers
+
+
+async def test_small_file_bytes_come_from_the_pinned_hub_url_with_the_token(
+    tls_hub: Hub, test_ca: TestCA, opened: list[str]
+) -> None:
+    commit = tls_hub.add_repo("owner/repo", {"config.json": b"{}\n\n\n"})
+    source = tls_source(tls_hub, test_ca, "hf://owner/repo/config.json")
+    try:
+        probe = await source.probe()
+        assert await read_all(source) == b"{}\n\n\n"
+    finally:
+        await source.aclose()
+    assert probe.sha256 is None
+    assert probe.size == 5
+    pinned = tls_hub.resolve_url("owner/repo", commit, "config.json")
+    assert opened == [pinned]
+    last = tls_hub.requests[-1]
+    assert (last.method, last.headers["authorization"]) == ("GET", AUTH)
+
+
+async def test_cdn_errors_never_show_the_signed_query(tls_hub: Hub, test_ca: TestCA) -> None:
+    tls_hub.add_repo("owner/repo", {"model.gguf": DATA})
+    source = tls_source(tls_hub, test_ca)
+    try:
+        await source.probe()
+        tls_hub.cdn.faults.fail_statuses = [403]
         with pytest.raises(PermanentError) as excinfo:
             await source.open(0, None)
     finally:
         await source.aclose()
-    assert CDN in excinfo.value.message
-    assert "s3cr3t" not in excinfo.value.message
+    assert tls_hub.cdn.url(Hub.blob_name(DATA)) in excinfo.value.message
+    assert "X-Amz-Signature" not in excinfo.value.message
 
 
-async def test_cdn_transport_errors_are_transient(httpx_mock: HTTPXMock) -> None:
-    add_lfs_file(httpx_mock)
-    httpx_mock.add_exception(httpx.ConnectError("refused"), method="GET", url=SIGNED)
-    source = source_for("hf://owner/repo/model.gguf@main")
-    try:
-        await source.probe()
-        with pytest.raises(TransientError) as excinfo:
-            await source.open(0, None)
-    finally:
-        await source.aclose()
-    assert "s3cr3t" not in excinfo.value.message
+async def test_cdn_transport_errors_are_transient(test_ca: TestCA) -> None:
+    gone = Origin(tls=test_ca.issue("gone"))
+    gone.start()
+    gone.stop()  # its URLs now point at a closed port
+    with Hub(cdn=gone, tls=test_ca.issue("hub2")) as hub:
+        hub.tokens.add(TOKEN)
+        hub.add_repo("owner/repo", {"model.gguf": DATA})
+        source = tls_source(hub, test_ca)
+        try:
+            await source.probe()
+            with pytest.raises(TransientError) as excinfo:
+                await source.open(0, None)
+        finally:
+            await source.aclose()
+    assert "Cannot connect" in excinfo.value.message
+    assert "X-Amz-Signature" not in excinfo.value.message

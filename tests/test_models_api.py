@@ -252,7 +252,8 @@ async def test_delete_unloads_and_frees_the_engine(
                  404, "not_found_error", param="model", code="model_not_found")
     assert_error(await client.delete("/v1/models/freed"), 404, "not_found_error",
                  param="model_id", code="model_not_found")
-    assert (await client.get("/v1/models")).json() == {"models": [], "total_count": 0}
+    assert (await client.get("/v1/models")).json() == {
+        "object": "list", "data": [], "models": [], "total_count": 0}
 
 
 async def test_a_model_answers_only_its_own_kind_of_request(
@@ -360,13 +361,64 @@ async def test_embeddings_for_an_unknown_model_are_404(client: Any) -> None:
     assert_error(response, 404, "not_found_error", param="model", code="model_not_found")
 
 
-async def test_streaming_and_empty_inputs_are_400(client: Any) -> None:
-    assert_error(await client.post("/v1/completions",
-                                   json={"model": "m", "prompt": "x", "stream": True}),
-                 400, "invalid_request_error", param="stream")
-    assert_error(await client.post("/v1/completions",
-                                   json={"model": "m", "prompt": "x", "max_tokens": 0}),
-                 400, "invalid_request_error", param="max_tokens")
+async def test_bad_sampling_fields_and_empty_inputs_are_400(client: Any) -> None:
+    for body, param in (
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+        ({"best_of": 3}, "best_of"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, "mixed"]}, "prompt"),
+    ):
+        request = {"model": "m", "prompt": "x", **body}
+        assert_error(await client.post("/v1/completions", json=request), 400,
+                     "invalid_request_error", param=param)
+    assert_error(await client.post("/v1/chat/completions", json={"model": "m", "messages": []}),
+                 400, "invalid_request_error", param="messages")
+    assert_error(await client.post("/v1/embeddings", json={"model": "m", "input": [""]}),
+                 400, "invalid_request_error", param="input")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/embeddings", {"input": "hi"}),
+    ],
+)
+async def test_a_model_whose_download_is_running_is_409_saying_so(
+    client: Any, origin: Origin, gguf: dict[str, Path], path: str, body: dict[str, Any]
+) -> None:
+    data = gguf["llm"].read_bytes()
+    origin.faults.stall_after = len(data) // 2
+    url = origin.add_file("slow-llama.gguf", data)
+    assert (await add(client, model_id="slow", model_path=url)).status_code == 202
+    await wait_status(client, "slow", "downloading")
+    response = await client.post(path, json={"model": "slow", **body})
+    assert_error(response, 409, "invalid_request_error", param="model", code="model_downloading")
+    assert "Model slow is still downloading: its download is downloading" in (
+        response.json()["error"]["message"]
+    )
+    await client.delete("/v1/models/slow")
+
+
+async def test_a_regular_download_still_running_is_409_saying_how_to_serve_it(
+    client: Any, origin: Origin, gguf: dict[str, Path]
+) -> None:
+    data = gguf["llm"].read_bytes()
+    origin.faults.stall_after = len(data) // 2
+    url = origin.add_file("plain-llama.gguf", data)
+    created = await client.post("/v1/downloads", json={"model_id": "plain", "url": url})
+    assert created.status_code == 202, created.text
+    await wait_status(client, "plain", "downloading")
+    response = await client.post("/v1/completions", json={"model": "plain", "prompt": "hi"})
+    assert_error(response, 409, "invalid_request_error", param="model", code="model_downloading")
+    assert "add the file with POST /v1/models" in response.json()["error"]["message"]
+    await client.delete("/v1/downloads/plain")
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)

@@ -232,3 +232,14 @@ async def test_a_kernel_on_postgres_keeps_downloads_across_restarts(
         assert again.downloads.get("m").downloaded_bytes == 300_000
     finally:
         await again.stop()
+
+
+async def test_the_s3_cache_without_the_shared_store_stops_the_start(tmp_path: Path) -> None:
+    from kernel.config import CacheSettings, S3CacheSettings
+
+    settings = make_settings(tmp_path)
+    settings.cache = CacheSettings(s3=S3CacheSettings(endpoint="http://127.0.0.1:9", bucket="b"))
+    kernel = Kernel(settings, load_entrypoints=False)
+    with pytest.raises(KernelError, match=r"cache.s3 needs store.kind: postgres"):
+        await kernel.start()
+    assert not kernel.started

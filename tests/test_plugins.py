@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -26,9 +27,19 @@ from kernel.api.app import create_app
 from kernel.api.deps import KernelDep
 from kernel.config import PluginSettings, Settings
 from kernel.core import Kernel
-from kernel.errors import InvalidRequest
-from kernel.plugins import make_plugin_manager
-from kernel.types import TERMINAL, DownloadRecord, DownloadStatus, Event
+from kernel.errors import InvalidRequest, PermanentError
+from kernel.plugins import BUILTINS, Plugins, make_plugin_manager
+from kernel.types import (
+    TERMINAL,
+    DownloadRecord,
+    DownloadStatus,
+    EngineCreated,
+    Event,
+    FileSetSource,
+    NamedSource,
+    PickingSource,
+    RangedSource,
+)
 from plugins.http_source import HttpSource
 from tests.helpers.fakes import (
     EventRecorder,
@@ -169,8 +180,12 @@ def test_each_plugin_manager_is_fresh() -> None:
     first = make_plugin_manager(load_entrypoints=False, extra=[EventRecorder()])
     second = make_plugin_manager(load_entrypoints=False)
     assert first is not second
-    assert len(first.hook.on_event.get_hookimpls()) == 1
-    assert second.hook.on_event.get_hookimpls() == []
+
+    def added(pm: Any) -> list[Any]:  # builtins (s3_cache observes events) aside
+        return [i for i in pm.hook.on_event.get_hookimpls() if i.plugin_name not in BUILTINS]
+
+    assert len(added(first)) == 1
+    assert added(second) == []
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -361,6 +376,160 @@ async def test_an_observer_returning_a_coroutine_is_awaited(
     assert recorder.names()[0] == "download.created"
 
 
+class NoArgumentObserver:
+    """Takes none of the spec's arguments, which pluggy allows for any hook."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def on_event(self) -> None:
+        self.calls += 1
+
+
+class ObserverWrapper:
+    """A new-style pluggy wrapper: sees each observer's outcome."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def on_event(self, event: Event) -> Iterator[None]:
+        try:
+            result = yield
+        except RuntimeError as exc:
+            self.outcomes.append(f"raised {exc}")
+            raise
+        self.outcomes.append(f"returned {len(result)}")
+        return result
+
+
+def engine_created(model_id: str = "m") -> EngineCreated:
+    return EngineCreated(model_id=model_id, model_type="llm", inference_engine="fake")
+
+
+def test_on_event_goes_through_pluggy_with_wrappers_and_fewer_arguments(
+    settings: Settings,
+) -> None:
+    quiet, wrapper, exploding, recorder = (
+        NoArgumentObserver(),
+        ObserverWrapper(),
+        ExplodingObserver(),
+        EventRecorder(),
+    )
+    pm = make_plugin_manager(
+        load_entrypoints=False,
+        disable=BUILTINS,
+        extra=[recorder, exploding, quiet, wrapper],
+    )
+    plugins = Plugins(pm, settings)
+    with capture_logs() as logs:
+        plugins.emit(engine_created("a"))
+        plugins.emit(engine_created("b"))
+    assert quiet.calls == 2
+    assert [e.model_id for e in recorder.events] == ["a", "b"]  # type: ignore[union-attr]
+    assert exploding.calls == 2
+    # One hook call per observer: the wrapper sees each one's outcome (None results are
+    # not collected by pluggy), including the one that raised.
+    assert sorted(wrapper.outcomes) == ["raised observer bug"] * 2 + ["returned 0"] * 4
+    failures = [e for e in logs if e["event"] == "plugin.on_event_failed"]
+    assert len(failures) == 2
+    assert {e["plugin"] for e in failures} == {pm.get_name(exploding)}
+
+
+def test_on_event_calls_are_traced_when_tracing_is_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELKERNEL_TRACE_PLUGINS", "1")
+    pm = make_plugin_manager(load_entrypoints=False, disable=BUILTINS, extra=[EventRecorder()])
+    with capture_logs() as logs:
+        Plugins(pm, settings).emit(engine_created())
+    traced = [e["msg"] for e in logs if e["event"] == "plugin.trace"]
+    assert any("on_event" in msg for msg in traced), traced
+
+
+def test_an_observer_registered_later_is_told_too(settings: Settings) -> None:
+    first, later = EventRecorder(), EventRecorder()
+    pm = make_plugin_manager(load_entrypoints=False, disable=BUILTINS, extra=[first])
+    plugins = Plugins(pm, settings)
+    plugins.emit(engine_created("a"))
+    pm.register(later)
+    plugins.emit(engine_created("b"))
+    assert len(first.events) == 2
+    assert [e.model_id for e in later.events] == ["b"]  # type: ignore[union-attr]
+
+
+def test_the_builtin_sources_declare_their_capabilities(settings: Settings) -> None:
+    """The kernel checks capabilities with isinstance against kernel.types' Protocols only."""
+    plugins = Plugins(make_plugin_manager(load_entrypoints=False), settings)
+    http = plugins.resolve_source("https://example.test/models/tiny.gguf")
+    assert isinstance(http, RangedSource)
+    assert http.supports_segments
+    assert isinstance(http, NamedSource)
+    assert http.filename == "tiny.gguf"
+    assert not isinstance(http, PickingSource | FileSetSource)
+    hub = plugins.resolve_source("hf://owner/repo/tiny.gguf")
+    assert isinstance(hub, PickingSource)
+    assert isinstance(hub, FileSetSource)
+    assert isinstance(hub, NamedSource)
+    assert hub.filename == "tiny.gguf"
+
+
+class PickyBackend:
+    """Loads nothing, but says which downloaded files it could load (VerifyingBackend)."""
+
+    name = "picky"
+    aliases: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def verify_file(self, path: str, name: str) -> None:
+        self.asked.append(name)
+        if Path(path).read_bytes().startswith(b"BAD"):
+            raise PermanentError(f"{name} is not a picky model.")
+
+    def verify_set(self, paths: list[str]) -> None:
+        pass
+
+    async def create(self, model_id: str, path: str, model_type: str, spec: Any) -> Any:
+        raise NotImplementedError
+
+
+class PickyPlugin:
+    def __init__(self) -> None:
+        self.backend = PickyBackend()
+
+    @hookimpl
+    def register_engine_backends(self, settings: Settings) -> list[Any]:
+        return [self.backend]
+
+
+async def test_the_default_engine_backend_verifies_downloaded_files(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    """No kernel format check: the backend that would load the file (here the only one, so
+    the default) decides, and a file it rejects is removed."""
+    picky = PickyPlugin()
+    files = {"good.bin": b"GOOD" + blob(5000), "bad.gguf": b"BAD" + blob(5000)}
+    without_llama = msgspec.structs.replace(
+        settings, plugins=PluginSettings(disable=["engine_llamacpp"])
+    )
+    kernel = await start_kernel(
+        without_llama, load_entrypoints=False, extra_plugins=[MemSourcePlugin(files), picky]
+    )
+    assert kernel.engines.default_backend == "picky"
+    await kernel.downloads.create(model_id="good", url="mem://good.bin")
+    await kernel.downloads.create(model_id="bad", url="mem://bad.gguf")
+    good = await wait_status(kernel, "good", "completed")
+    bad = await wait_status(kernel, "bad", "failed")
+    assert Path(good.local_path).read_bytes() == files["good.bin"]
+    assert bad.error_message == "bad.gguf is not a picky model. The file was removed."
+    assert not Path(bad.local_path).exists()
+    assert not Path(bad.part_path).exists()
+    assert sorted(picky.backend.asked) == ["bad.gguf", "good.bin"]
+
+
 # --- register_routes ---------------------------------------------------------------------------
 
 
@@ -385,3 +554,26 @@ async def test_plugin_routes_are_served_by_the_app(settings: Settings) -> None:
         assert "http_source" in body["plugins"]
         assert (await client.get("/health")).status_code == 200
     assert not kernel.started
+
+
+def test_without_the_fleet_config_nothing_of_the_fleet_extra_is_imported(tmp_path: Path) -> None:
+    """pg_store and s3_cache are builtins, but a node without store/cache config never
+    imports psycopg: the [fleet] extra is needed only by nodes that use it."""
+    code = (
+        "import asyncio, sys\n"
+        "from kernel.config import Settings, StorageSettings\n"
+        "from kernel.core import Kernel\n"
+        f"s = Settings(storage=StorageSettings(models_dir={str(tmp_path / 'm')!r},"
+        f" state_dir={str(tmp_path / 's')!r}))\n"
+        "async def main():\n"
+        "    k = Kernel(s, load_entrypoints=False)\n"
+        "    await k.start()\n"
+        "    await k.stop()\n"
+        "asyncio.run(main())\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

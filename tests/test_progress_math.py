@@ -242,8 +242,12 @@ def test_engine_creation_in_the_list_holds_only_the_summary_fields(model_type: s
     assert body["engine_creation"] == {"model_id": "m", "load_immediately": False, "main_gpu_id": 1}
 
 
-def test_engine_creation_in_the_detail_of_an_llm_has_llm_features() -> None:
-    body = wire(_startup("llm"), detail=True)
+@pytest.mark.parametrize(("chat", "expected"), [(True, True), (False, False), (None, False)])
+def test_engine_creation_in_the_detail_of_an_llm_has_llm_features(
+    chat: bool | None, expected: bool
+) -> None:
+    """chat_completion is true only when the model's engine exists and can chat."""
+    body = wire(_startup("llm"), detail=True, chat=chat)
     assert body["engine_creation"] == {
         "model_id": "m",
         "load_immediately": False,
@@ -252,7 +256,7 @@ def test_engine_creation_in_the_detail_of_an_llm_has_llm_features() -> None:
         "inference_engine": "llama-cpp",
         "llm_features": {
             "text_generation": True,
-            "chat_completion": True,
+            "chat_completion": expected,
             "instruction_following": True,
         },
     }

@@ -220,17 +220,17 @@ def test_corrupt_or_newer_database_gives_a_clear_error(tmp_path: Path, prepare: 
 
 
 def test_a_segmented_download_resumes_every_segment_after_kill_9(tmp_path: Path, origin: Origin) -> None:
-    data = blob(4 << 20, 9)
+    data = blob(32 << 20, 9)  # pieces are at least 4 MiB
     url = origin.add_file("segkill.bin", data)
-    origin.faults.throttle_bps = 1 << 20
+    origin.faults.throttle_bps = 1 << 20  # per connection: one connection, then four
     config = {"downloads": {"connections": 4, "segment_min_bytes": 1 << 20}}
     server = ServerProcess(tmp_path, config=config)
     server.start()
     try:
         create(server, "segkill", url)
-        # Progress is checkpointed at the first write and every second after: the saved
-        # segment table has moved past the segment starts by now.
-        wait_for(server, "segkill", lambda b: b["progress"]["downloaded_bytes"] > 1_600_000)
+        # Split into four within a second; progress is checkpointed every second: the saved segment
+        # table has four segments, each moved past its start, by the time 8 MiB are in.
+        wait_for(server, "segkill", lambda b: b["progress"]["downloaded_bytes"] > 8 << 20)
         server.kill()
         origin.requests.clear()
         origin.faults.throttle_bps = None
@@ -241,6 +241,7 @@ def test_a_segmented_download_resumes_every_segment_after_kill_9(tmp_path: Path,
     assert Path(done["local_path"]).read_bytes() == data
     ranges = [r.headers["range"] for r in origin.requests_for("segkill.bin") if r.method == "GET"]
     assert len(ranges) == 4  # every segment continued on its own connection
-    step = len(data) // 4
     starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges)
-    assert any(start % step for start in starts)  # ...from where it had got to, not its start
+    ends = sorted(int(r.split("-")[1]) + 1 for r in ranges)
+    assert starts[0] > 0  # the first segment continued, not restarted
+    assert all(start not in (0, *ends) for start in starts)  # each from where it had got to

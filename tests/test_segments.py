@@ -1,4 +1,6 @@
-"""Segmented downloads: several ranged connections into one .part, resumable per segment."""
+"""Segmented downloads: several ranged connections into one .part, resumable per segment,
+split adaptively: one connection first, more only when one is slow (a per-connection-limited
+origin, simulated by the origin's per-response throttle)."""
 
 from __future__ import annotations
 
@@ -6,16 +8,25 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from litestar.testing import AsyncTestClient
 
 from kernel.api.app import create_app
 from kernel.core import Kernel
+import kernel.segments
+import kernel.transfer
 from kernel.segments import plan_segments
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for, wait_status
 from tests.helpers.origin import Origin
 
 MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces of 256 KiB (not 4 MiB), so a few MiB at a few MiB/s can be split."""
+    monkeypatch.setattr(kernel.segments, "MIN_PIECE", 256 << 10)
 
 
 def blob(size: int, seed: int) -> bytes:
@@ -41,18 +52,46 @@ def test_plan_covers_the_file_exactly() -> None:
     assert plan_segments(8 * MiB, 4)[-1][1] == 8 * MiB
 
 
-async def test_a_large_file_is_fetched_over_several_ranges(tmp_path: Path, origin: Origin) -> None:
-    data = blob(4 * MiB + 123, 1)
+async def test_a_slow_connection_is_split_over_several_ranges(tmp_path: Path, origin: Origin) -> None:
+    data = blob(6 * MiB + 123, 1)
     url = origin.add_file("seg.bin", data)
+    origin.faults.throttle_bps = MiB  # per connection, like a CDN
     async with segmented(tmp_path) as client:
         await start(client, "seg", url)
-        done = await wait_status(client, "seg", "completed")
+        done = await wait_status(client, "seg", "completed", timeout=60)
     assert Path(done["local_path"]).read_bytes() == data
-    step = (len(data) + 3) // 4
-    assert ranges(origin, "seg.bin") == sorted(
-        f"bytes={s}-{min(len(data), s + step) - 1}" for s in range(0, len(data), step)
-    )
+    found = ranges(origin, "seg.bin")
+    assert f"bytes=0-{len(data) - 1}" in found  # one connection over the whole file first
+    assert len(found) == 4  # then, as that one was slow and idle, split into `connections` (4)
     assert all(r.headers.get("if-range") for r in origin.requests_for("seg.bin") if r.method == "GET")
+
+
+async def test_a_fast_connection_is_never_split(
+    tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel.transfer, "SPLIT_BELOW_BPS", 1)  # whatever it does is fast
+    data = blob(3 * MiB, 7)
+    url = origin.add_file("fast.bin", data)
+    origin.faults.throttle_bps = MiB
+    async with segmented(tmp_path) as client:
+        await start(client, "fast", url)
+        done = await wait_status(client, "fast", "completed", timeout=60)
+    assert Path(done["local_path"]).read_bytes() == data
+    assert ranges(origin, "fast.bin") == [f"bytes=0-{len(data) - 1}"]
+
+
+async def test_a_connection_that_keeps_a_cpu_busy_is_never_split(
+    tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel.transfer, "SPLIT_BUSY", 0.0)  # any CPU use counts as CPU-bound
+    data = blob(3 * MiB, 8)
+    url = origin.add_file("busy.bin", data)
+    origin.faults.throttle_bps = MiB
+    async with segmented(tmp_path) as client:
+        await start(client, "busy", url)
+        done = await wait_status(client, "busy", "completed", timeout=60)
+    assert Path(done["local_path"]).read_bytes() == data
+    assert ranges(origin, "busy.bin") == [f"bytes=0-{len(data) - 1}"]
 
 
 async def test_small_files_stay_on_one_connection(tmp_path: Path, origin: Origin) -> None:
@@ -64,12 +103,14 @@ async def test_small_files_stay_on_one_connection(tmp_path: Path, origin: Origin
 
 
 async def test_pause_and_resume_continue_every_segment(tmp_path: Path, origin: Origin) -> None:
-    data = blob(4 * MiB, 3)
+    data = blob(6 * MiB, 3)
     url = origin.add_file("segpause.bin", data)
-    origin.faults.throttle_bps = 2 * MiB
+    origin.faults.throttle_bps = MiB
     async with segmented(tmp_path) as client:
         await start(client, "segpause", url)
-        await wait_for(client, "segpause", lambda b: b["progress"]["downloaded_bytes"] > MiB)
+        # split by now: one connection, then four
+        await wait_for(client, "segpause", lambda _b: len(ranges(origin, "segpause.bin")) == 4, 30)
+        await wait_for(client, "segpause", lambda b: b["progress"]["downloaded_bytes"] > 3 * MiB, 30)
         await client.post("/v1/downloads/segpause/pause")
         paused = (await client.get("/v1/downloads/segpause")).json()
         origin.requests.clear()
@@ -78,7 +119,7 @@ async def test_pause_and_resume_continue_every_segment(tmp_path: Path, origin: O
         done = await wait_status(client, "segpause", "completed")
     assert Path(done["local_path"]).read_bytes() == data
     resumed = ranges(origin, "segpause.bin")
-    assert resumed and all(r.startswith("bytes=") for r in resumed)
+    assert len(resumed) >= 2 and all(r.startswith("bytes=") for r in resumed)
     starts = sorted(int(r[6:].split("-")[0]) for r in resumed)
     assert starts[0] > 0  # no segment started over from its beginning
     moved = sum(int(r[6:].split("-")[1]) + 1 - int(r[6:].split("-")[0]) for r in resumed)

@@ -2,7 +2,8 @@
 
 The write is held in its worker thread (the ``_pwrite`` seam) until the transfer task has been
 cancelled; then it lands. Afterwards the ``.part`` holds exactly the bytes received, once, and
-the record's counter agrees with the file, for both byte loops (chunks and ``readinto``).
+the record's counter agrees with the file, for both byte loops (chunks, and the pump's
+``readinto_blocking`` in a worker thread).
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ class _Body:
 
 
 class _BlockBody(_Body):
-    async def readinto(self, view: memoryview) -> int:
+    """A fast-path body (kernel/pump.py): read in the pump's worker thread."""
+
+    def readinto_blocking(self, view: memoryview, flush_s: float) -> int:
         n = min(len(view), len(self.data) - self.pos, CHUNK)
         view[:n] = self.data[self.pos : self.pos + n]
         self.pos += n
         return n
+
+    def interrupt(self) -> None:
+        pass
 
 
 class _Source:

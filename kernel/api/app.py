@@ -18,6 +18,7 @@ from kernel.api.downloads import DownloadsController
 from kernel.api.edge import Edge
 from kernel.api.errors import handle_error
 from kernel.api.events import EVENTS_STATE_KEY, EventsController, EventStreams
+from kernel.api.inference import InferenceController
 from kernel.api.models import ModelsController
 from kernel.api.system import SettingsController, SystemController
 from kernel.core import Kernel
@@ -54,7 +55,13 @@ def create_app(kernel: Kernel, *, manage_kernel: bool = True) -> App:
     def provide_kernel() -> Kernel:
         return kernel
 
-    api = [DownloadsController, EventsController, SettingsController, ModelsController]
+    api = [
+        DownloadsController,
+        EventsController,
+        SettingsController,
+        ModelsController,
+        InferenceController,
+    ]
     app = App(
         route_handlers=[
             Router(path="/v1", route_handlers=api),

@@ -94,7 +94,8 @@ def _view(
         position = (positions if positions is not None else downloads.queue_positions()).get(
             rec.model_id
         )
-    return Download.from_record(rec, detail=detail, queue_position=position, now=now)
+    chat = downloads.engines.supports_chat(rec.model_id) if detail else None
+    return Download.from_record(rec, detail=detail, queue_position=position, now=now, chat=chat)
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -225,6 +226,7 @@ class DownloadsController(Controller):
             priority=body.priority,
             max_bytes_per_second=body.max_bytes_per_second,
             engine=body.engine_creation.to_spec() if body.engine_creation else None,
+            include=body.include,
         )
         return Response(_view(downloads, rec, detail=True, now=now_ms()), status_code=202)
 

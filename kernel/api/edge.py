@@ -132,6 +132,17 @@ class Edge:
         if scope["method"] == "OPTIONS":
             await _send(send, 204, b"", cors)
             return
+        if _header(scope, b"content-length") is not None and (
+            _header(scope, b"transfer-encoding") is not None
+        ):  # RFC 9112 6.3: a request smuggling vector; answer, then close the connection
+            body = _error_body(
+                "A request cannot carry both Content-Length and Transfer-Encoding.",
+                "invalid_request_error",
+                "invalid_framing",
+            )
+            headers = [*cors, (b"content-type", b"application/json"), (b"connection", b"close")]
+            await _send(send, 400, body, headers)
+            return
         if not self.host_allowed(scope):
             host = (_header(scope, b"host") or b"").decode("latin-1")
             message = (

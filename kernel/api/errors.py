@@ -154,6 +154,17 @@ def to_api_error(
         )
     if isinstance(exc, ValidationException):
         return 400, _validation_detail(exc), {}
+    if isinstance(exc, RecursionError):  # msgspec's decoder on a body nested too deeply
+        return (
+            400,
+            ErrorDetail(
+                message="Invalid request body: the JSON is nested too deeply.",
+                type=INVALID,
+                param=None,
+                code=None,
+            ),
+            {},
+        )
     in_downloads = _DOWNLOADS_PATH.match(request.url.path) is not None
     if in_downloads and _EMPTY_ID.match(request.url.path):
         return (

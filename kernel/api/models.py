@@ -1,5 +1,5 @@
-"""Models and engines: Kolosal's ``/models`` and ``/engines``, and the OpenAI-compatible
-``/completions`` and ``/embeddings`` that answer from a model's engine.
+"""Models and engines: Kolosal's ``/models`` and ``/engines`` (``GET /models`` also in OpenAI's
+list shape). The OpenAI inference endpoints live in :mod:`kernel.api.inference`.
 
 ``POST /v1/models`` with a URL ``model_path`` starts a ``startup`` download (202): the engine
 is built once the file is verified. A local path builds the engine at once (201).
@@ -8,13 +8,10 @@ is built once the file is verified. A local path builds the engine at once (201)
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
-import struct
 import time
-import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import msgspec
@@ -28,8 +25,8 @@ from kernel.api.errors import NOT_FOUND, ApiError, error_responses
 from kernel.core import Kernel
 from kernel.downloads import validate_model_id
 from kernel.engines import AUTO_TYPE, DEFAULT_BACKEND, EngineEntry
-from kernel.errors import DownloadExists, EngineError, InvalidRequest
-from kernel.types import TERMINAL, DownloadRecord, EngineCreated, EngineSpec
+from kernel.errors import DownloadExists, EngineError
+from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineCreated, EngineSpec
 
 __all__ = ["ModelsController"]
 
@@ -83,7 +80,24 @@ class ModelDownloadStarted(_Wire):
     local_path: str
 
 
+OWNED_BY = "modelkernel"
+
+
+class OpenAIModel(_Wire):
+    """OpenAI's model object."""
+
+    id: str
+    object: str = "model"
+    created: int = 0  # seconds since the epoch
+    owned_by: str = OWNED_BY
+
+
 class ModelView(_Wire):
+    # OpenAI's model object fields, beside Kolosal's
+    id: str
+    object: str
+    created: int
+    owned_by: str
     model_id: str
     status: str  # loaded | loading | unloaded, or the startup download's status
     available: bool  # an engine is registered and can answer
@@ -102,6 +116,11 @@ class ModelView(_Wire):
 
 
 class ModelList(_Wire):
+    """Kolosal's ``models``/``total_count`` and OpenAI's ``object``/``data`` in one body;
+    ``data`` holds the models that can answer now (registered engines)."""
+
+    object: str
+    data: list[OpenAIModel]
     models: list[ModelView]
     total_count: int
 
@@ -138,64 +157,6 @@ class EngineList(_Wire):
     gpus: list[GpuView]
 
 
-# --- /completions and /embeddings (OpenAI shapes) ---------------------------------------------
-
-
-class CompletionRequest(_Request):
-    model: str
-    prompt: str | list[str]
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 16
-    stream: bool = False
-    user: str | None = None
-
-
-class CompletionChoice(_Wire, kw_only=True):
-    text: str
-    index: int
-    logprobs: None = None
-    finish_reason: str
-
-
-class CompletionUsage(_Wire):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TextCompletion(_Wire, kw_only=True):
-    id: str
-    object: str = "text_completion"
-    created: int  # seconds since the epoch, as OpenAI sends it
-    model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage
-
-
-class EmbeddingRequest(_Request):
-    model: str
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None
-
-
-class EmbeddingItem(_Wire, kw_only=True):
-    object: str = "embedding"
-    index: int
-    embedding: list[float] | str  # str: base64 of little-endian float32
-
-
-class EmbeddingUsage(_Wire):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingList(_Wire, kw_only=True):
-    object: str = "list"
-    data: list[EmbeddingItem]
-    model: str
-    usage: EmbeddingUsage
-
-
 # --- helpers ----------------------------------------------------------------------------------
 
 
@@ -227,6 +188,10 @@ def _engine_view(kernel: Kernel, entry: EngineEntry) -> ModelView:
     state = kernel.engines.state(entry.model_id)
     details = kernel.engines.details(entry.model_id)
     return ModelView(
+        id=entry.model_id,
+        object="model",
+        created=entry.created_at // 1000,
+        owned_by=OWNED_BY,
         model_id=entry.model_id,
         status=state,
         available=True,
@@ -251,6 +216,10 @@ def _engine_view(kernel: Kernel, entry: EngineEntry) -> ModelView:
 def _download_view(rec: DownloadRecord) -> ModelView:
     spec = rec.engine or EngineSpec()
     return ModelView(
+        id=rec.model_id,
+        object="model",
+        created=rec.created_at // 1000,
+        owned_by=OWNED_BY,
         model_id=rec.model_id,
         status=rec.status,
         available=False,
@@ -351,10 +320,6 @@ def _existing_path(path: str) -> str | None:
     return full if os.path.exists(full) else None
 
 
-def _float32_base64(vector: list[float]) -> str:
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
 # --- the controller ---------------------------------------------------------------------------
 
 
@@ -417,7 +382,8 @@ class ModelsController(Controller):
             for rec in kernel.downloads.list()
             if rec.download_type == "startup" and rec.model_id not in seen
         ]
-        return ModelList(models=views, total_count=len(views))
+        data = [OpenAIModel(id=v.model_id, created=v.created) for v in views if v.available]
+        return ModelList(object="list", data=data, models=views, total_count=len(views))
 
     @get(
         "/models/{model_id:str}",
@@ -466,10 +432,10 @@ class ModelsController(Controller):
         backends = [
             BackendView(
                 name=b.name,
-                aliases=list(getattr(b, "aliases", ())),
-                description=getattr(b, "description", None),
-                version=getattr(b, "version", None),
-                available=bool(getattr(b, "available", True)),
+                aliases=list(b.aliases),
+                description=b.description if isinstance(b, DescribedBackend) else None,
+                version=b.version if isinstance(b, DescribedBackend) else None,
+                available=b.available if isinstance(b, DescribedBackend) else True,
                 is_default=b.name == default,
             )
             for b in kernel.engines.backend_list
@@ -480,67 +446,4 @@ class ModelsController(Controller):
         ]
         return EngineList(
             inference_engines=backends, default_engine=default, total_count=len(backends), gpus=gpus
-        )
-
-    @post(
-        "/completions",
-        status_code=200,
-        tags=["inference"],
-        summary="OpenAI text completion (non-streaming) from an llm model",
-        responses=error_responses(400, 404, 413, 422),
-    )
-    async def completions(
-        self, data: JSONBody[dict[str, Any]], kernel: KernelDep
-    ) -> TextCompletion:
-        body = msgspec.convert(data, CompletionRequest)
-        if body.stream:
-            raise InvalidRequest("Streaming is not supported; set stream to false.", param="stream")
-        if kernel.engines.get(body.model) is None:
-            raise _not_found(body.model, "model")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise InvalidRequest("prompt must not be empty.", param="prompt")
-        choices: list[CompletionChoice] = []
-        prompt_tokens = completion_tokens = 0
-        for index, prompt in enumerate(prompts):
-            result = await kernel.engines.complete(body.model, prompt, body.max_tokens)
-            choices.append(
-                CompletionChoice(text=result.text, index=index, finish_reason=result.finish_reason)
-            )
-            prompt_tokens += result.prompt_tokens
-            completion_tokens += result.completion_tokens
-        return TextCompletion(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=body.model,
-            choices=choices,
-            usage=CompletionUsage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
-        )
-
-    @post(
-        "/embeddings",
-        status_code=200,
-        tags=["inference"],
-        summary="OpenAI embeddings from an embedding model",
-        responses=error_responses(400, 404, 413, 422),
-    )
-    async def embeddings(self, data: JSONBody[dict[str, Any]], kernel: KernelDep) -> EmbeddingList:
-        body = msgspec.convert(data, EmbeddingRequest)
-        if kernel.engines.get(body.model) is None:
-            raise _not_found(body.model, "model")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts or not all(texts):
-            raise InvalidRequest(
-                "input must be a non-empty string or a list of them.", param="input"
-            )
-        vectors, tokens = await kernel.engines.embed(body.model, texts)
-        encode = _float32_base64 if body.encoding_format == "base64" else list
-        return EmbeddingList(
-            data=[EmbeddingItem(index=i, embedding=encode(v)) for i, v in enumerate(vectors)],
-            model=body.model,
-            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )

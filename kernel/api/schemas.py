@@ -15,7 +15,7 @@ from msgspec import UNSET, UnsetType
 
 from kernel.config import DownloadSettings, Rate
 from kernel.transfer import now_ms
-from kernel.types import DownloadRecord, EngineSpec
+from kernel.types import DownloadRecord, EngineSpec, FileRecord
 
 __all__ = [
     "ActionResult",
@@ -26,6 +26,7 @@ __all__ = [
     "CancelledDownload",
     "CreateDownload",
     "Download",
+    "DownloadFile",
     "DownloadList",
     "EngineCreation",
     "EngineCreationRequest",
@@ -116,7 +117,10 @@ class EngineCreation(_Wire):
     llm_features: LlmFeatures | UnsetType = UNSET
 
     @classmethod
-    def from_record(cls, rec: DownloadRecord, *, detail: bool) -> EngineCreation | UnsetType:
+    def from_record(
+        cls, rec: DownloadRecord, *, detail: bool, chat: bool | None = None
+    ) -> EngineCreation | UnsetType:
+        """``chat``: whether the model's engine can chat (None: no engine yet, so not yet)."""
         spec = rec.engine
         if spec is None:
             return UNSET
@@ -133,7 +137,7 @@ class EngineCreation(_Wire):
             summary.embedding_features = EmbeddingFeatures()
             summary.recommended_usage = RecommendedUsage()
         else:
-            summary.llm_features = LlmFeatures()
+            summary.llm_features = LlmFeatures(chat_completion=bool(chat))
         return summary
 
 
@@ -161,6 +165,32 @@ def eta_seconds(rec: DownloadRecord, speed: float) -> int | UnsetType:
     return max(0, math.ceil((rec.total_bytes - rec.downloaded_bytes) / speed))
 
 
+class DownloadFile(_Wire):
+    """One file of a multi-file download (ours, additive: the detail body's ``files``)."""
+
+    path: str
+    url: str
+    local_path: str
+    status: str
+    downloaded_bytes: int
+    total_bytes: int
+    percentage: float
+    sha256: str | UnsetType = UNSET
+
+    @classmethod
+    def from_record(cls, f: FileRecord) -> DownloadFile:
+        return cls(
+            path=f.path,
+            url=f.url,
+            local_path=f.local_path,
+            status=f.status,
+            downloaded_bytes=f.downloaded_bytes,
+            total_bytes=f.size,
+            percentage=percentage(f.downloaded_bytes, f.size),
+            sha256=f.sha256 if f.sha256 else UNSET,
+        )
+
+
 class Download(_Wire):
     model_id: str
     status: str
@@ -178,6 +208,7 @@ class Download(_Wire):
     last_error: str | UnsetType = UNSET
     sha256: str | UnsetType = UNSET
     max_bytes_per_second: int | UnsetType = UNSET
+    files: list[DownloadFile] | UnsetType = UNSET  # detail body of a multi-file download
 
     @classmethod
     def from_record(
@@ -187,6 +218,7 @@ class Download(_Wire):
         detail: bool = True,
         queue_position: int | None = None,
         now: int | None = None,
+        chat: bool | None = None,
     ) -> Download:
         now = now_ms() if now is None else now
         speed = speed_bps(rec, now)
@@ -214,13 +246,16 @@ class Download(_Wire):
                 else UNSET,
             ),
             error_message=rec.error_message if rec.error_message else UNSET,
-            engine_creation=EngineCreation.from_record(rec, detail=detail),
+            engine_creation=EngineCreation.from_record(rec, detail=detail, chat=chat),
             priority=rec.priority,
             queue_position=queue_position if queue_position is not None else UNSET,
             attempts=rec.attempts if retrying else UNSET,
             last_error=rec.last_error if retrying and rec.last_error else UNSET,
             sha256=rec.sha256 if rec.sha256 else UNSET,
             max_bytes_per_second=rec.max_bytes_per_second or UNSET,
+            files=[DownloadFile.from_record(f) for f in rec.files]
+            if detail and rec.files is not None
+            else UNSET,
         )
 
 
@@ -342,6 +377,7 @@ class CreateDownload(_Request):
     priority: int = 0
     max_bytes_per_second: Rate = 0
     engine_creation: EngineCreationRequest | None = None
+    include: list[str] | None = None  # ours: file patterns of a repository to pull as one model
 
 
 class CancelAll(_Request):

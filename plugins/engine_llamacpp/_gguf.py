@@ -57,6 +57,10 @@ class GgufInfo(msgspec.Struct, kw_only=True):
     vocab_size: int | None = None
     pooling_type: str | None = None  # None: the file does not say
     causal_attention: bool | None = None  # None: the file does not say
+    # tokenizer.chat_template, and the text of the BOS and EOS tokens the template refers to
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
 
     def metadata_model_type(self) -> str | None:
         """``embedding`` or ``llm`` when the metadata decides, None when it is silent."""
@@ -134,6 +138,7 @@ def _info(reader: GGUFReader, path: str) -> GgufInfo:
     causal = _scalar(fields.get(f"{arch}.attention.causal"))
     pooling = _scalar(fields.get(f"{arch}.pooling_type"))
     tokens = fields.get("tokenizer.ggml.tokens")
+    template = _str(fields.get("tokenizer.chat_template"))
     return GgufInfo(
         path=path,
         file_size=os.path.getsize(path),
@@ -148,7 +153,17 @@ def _info(reader: GGUFReader, path: str) -> GgufInfo:
         vocab_size=len(tokens.data) if tokens is not None else None,
         pooling_type=POOLING_NAMES.get(int(pooling), str(pooling)) if pooling is not None else None,
         causal_attention=bool(causal) if causal is not None else None,
+        chat_template=template or None,
+        bos_token=_token(tokens, _int(fields.get("tokenizer.ggml.bos_token_id"))),
+        eos_token=_token(tokens, _int(fields.get("tokenizer.ggml.eos_token_id"))),
     )
+
+
+def _token(tokens: ReaderField | None, token_id: int | None) -> str:
+    """The text of token ``token_id`` in the vocabulary, or "" when either is missing."""
+    if tokens is None or token_id is None or not 0 <= token_id < len(tokens.data):
+        return ""
+    return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8", errors="replace")
 
 
 def _quantization(reader: GGUFReader) -> str | None:

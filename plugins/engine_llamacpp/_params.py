@@ -39,6 +39,7 @@ MAPPED: dict[str, tuple[str, type]] = {
     "pooling_type": ("pooling_type", int),
     "swa_full": ("swa_full", bool),
     "no_perf": ("no_perf", bool),
+    "logits_all": ("logits_all", bool),  # keeps every token's logits: needed for logprobs
     "cache_type_k": ("type_k", int),
     "cache_type_v": ("type_v", int),
 }
@@ -124,6 +125,12 @@ def llama_kwargs(
                     param="loading_parameters.tensor_split",
                 )
             kwargs["tensor_split"] = [float(v) for v in value] or None
+        elif name == "chat_template":
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidRequest(
+                    "loading_parameters.chat_template must be a non-empty Jinja2 template.",
+                    param="loading_parameters.chat_template",
+                )  # used by the engine for /v1/chat/completions, not passed to llama.cpp
         elif name in ("cpuparams", "cpuparams_batch") and isinstance(value, dict):
             threads = value.get("n_threads")
             if threads is not None and _check(f"{name}.n_threads", threads, int) > 0:

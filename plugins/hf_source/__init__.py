@@ -5,7 +5,7 @@ Claims ``hf://owner/repo/path/in/repo.gguf[@revision]`` references, repository r
 huggingface.co or on the configured endpoint. It is ``tryfirst``, so hub URLs reach it before
 http_source. Reads ``sources.huggingface.endpoint`` (else ``HF_ENDPOINT``, else
 https://huggingface.co), ``sources.huggingface.token`` (else ``HF_TOKEN``, else the token file
-of huggingface_hub) and ``downloads.stall_timeout_s``.
+of huggingface_hub), ``downloads.stall_timeout_s`` and ``network.ca_bundle``.
 """
 
 from __future__ import annotations
@@ -32,4 +32,5 @@ def resolve_source(ref: str, settings: Settings) -> Source | None:
         endpoint=endpoint,
         token=configured_token(hub.token),
         stall_timeout_s=settings.downloads.stall_timeout_s,
+        ca_bundle=settings.network.ca_bundle,
     )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import httpx
 
 from kernel.errors import PermanentError, SourceError, TransientError
+from kernel.http import retry_after_seconds
 from plugins.hf_source._ref import HubRef
-from plugins.http_source.source import retry_after_seconds
 
 __all__ = ["TOKEN_HINT", "check_hub_response", "retry_after"]
 

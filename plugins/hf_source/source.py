@@ -24,7 +24,7 @@ import asyncio
 import fnmatch
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -39,12 +39,15 @@ from kernel.errors import (
     TransientError,
     ValidatorChanged,
 )
+from kernel.pump import is_blocking
+from kernel.tls import tls_context, tls_failure
 from kernel.types import Body, Probe
 from plugins.hf_source._errors import check_hub_response
 from plugins.hf_source._ref import HubRef, has_glob, read_token_file
+from plugins.hf_source._shards import shard_name
 from plugins.http_source.source import HttpSource
 
-__all__ = ["HubBody", "HubSource"]
+__all__ = ["HubBody", "HubFile", "HubSource"]
 
 log = structlog.get_logger()
 
@@ -82,8 +85,26 @@ class _FileMeta:
         return cls(headers.get("x-repo-commit"), etag, size, location)
 
 
+class _Lfs(msgspec.Struct):
+    sha256: str | None = None
+    size: int | None = None
+
+
 class _RepoFile(msgspec.Struct):
     rfilename: str
+    size: int | None = None  # with ?blobs=true
+    lfs: _Lfs | None = None
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a set (kernel.types.RemoteFile): its local path, pinned reference, size and
+    LFS sha256 as the repository listing gives them."""
+
+    path: str
+    ref: str
+    size: int | None
+    sha256: str | None
 
 
 class _RepoInfo(msgspec.Struct):
@@ -95,14 +116,26 @@ class _RepoInfo(msgspec.Struct):
 
 class HubBody:
     """The CDN's (or hub's) response body, with the LFS etag as its validator and the CDN's
-    signed query string kept out of error messages."""
+    signed query string kept out of error messages. A fast-path body (kernel.pump) stays one:
+    the kernel reads it in a worker thread."""
 
-    def __init__(self, inner: Body, validator: str | None, url: str) -> None:
+    def __init__(self, inner: Body, validator: str | None, url: str, owner: HttpSource) -> None:
         self._inner = inner
+        self._owner = owner
         self.start = inner.start
         self.total = inner.total
         self.validator = validator or inner.validator
         self._url = url
+        if is_blocking(inner):
+            self.readinto_blocking = self._readinto_blocking
+            self.interrupt = inner.interrupt  # type: ignore[attr-defined]
+
+    def _readinto_blocking(self, view: memoryview, flush_s: float) -> int:
+        try:
+            n: int = self._inner.readinto_blocking(view, flush_s)  # type: ignore[attr-defined]
+        except SourceError as exc:
+            _reraise_redacted(exc, self._url)
+        return n
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -112,7 +145,10 @@ class HubBody:
             _reraise_redacted(exc, self._url)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            await self._inner.aclose()
+        finally:
+            await self._owner.aclose()
 
 
 class HubSource:
@@ -126,16 +162,19 @@ class HubSource:
         endpoint: str,
         token: str | None = None,
         stall_timeout_s: float = 30.0,
+        ca_bundle: str | None = None,
     ) -> None:
         self.ref = ref  # what the record keeps: the user's reference
+        self._ca_bundle = ca_bundle
         self.hub_ref = hub_ref
         self.endpoint = endpoint.rstrip("/")
         self._token = token
         self._token_looked_up = token is not None
         self._timeout = httpx.Timeout(connect=10.0, read=stall_timeout_s, write=30.0, pool=10.0)
+        self._stall = stall_timeout_s
         self._hub: httpx.AsyncClient | None = None
-        self._cdn: httpx.AsyncClient | None = None
         self._meta: _FileMeta | None = None
+        self._listing: _RepoInfo | None = None  # the repository's files, once listed
         self._cdn_validators: dict[str, str] = {}  # CDN URL without query -> its own ETag
 
     @property
@@ -164,24 +203,15 @@ class HubSource:
             if token:
                 headers["authorization"] = f"Bearer {token}"
             self._hub = httpx.AsyncClient(
-                follow_redirects=False, timeout=self._timeout, headers=headers
-            )
+                follow_redirects=False, timeout=self._timeout, headers=headers,
+                verify=tls_context(self._ca_bundle),
+            )  # fmt: skip
         return self._hub
 
-    def _cdn_client(self) -> httpx.AsyncClient:
-        """Talks to the CDN: no credentials, redirects followed."""
-        if self._cdn is None:
-            self._cdn = httpx.AsyncClient(
-                follow_redirects=True, timeout=self._timeout,
-                headers={"user-agent": USER_AGENT, "accept-encoding": "identity"},
-            )  # fmt: skip
-        return self._cdn
-
     async def aclose(self) -> None:
-        for client in (self._hub, self._cdn):
-            if client is not None:
-                await client.aclose()
-        self._hub = self._cdn = None
+        if self._hub is not None:
+            await self._hub.aclose()
+        self._hub = None
 
     # -- the Source protocol -------------------------------------------------------------------
 
@@ -213,21 +243,140 @@ class HubSource:
         meta = await self._head(pinned)  # the pinned commit's file, and a fresh CDN location
         if expected is not None and meta.etag != expected:
             raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
+        headers = {"user-agent": USER_AGENT}
         if meta.location is None:  # a small (non-LFS) file: the hub serves it itself
-            url, client = pinned, await self._hub_client()
+            url = pinned
             if_range = expected if offset else None
-        else:
-            url, client = meta.location, self._cdn_client()
+            token = await self._token_value()
+            if token:  # dropped by the fast path if the hub redirects to another origin
+                headers["authorization"] = f"Bearer {token}"
+        else:  # the CDN: no credentials
+            url = meta.location
             if_range = self._cdn_validators.get(_without_query(url)) if offset else None
+        source = HttpSource(
+            url, headers=headers, stall_timeout_s=self._stall, ca_bundle=self._ca_bundle
+        )
         try:
-            inner = await HttpSource(url, client=client).open(offset, if_range)
+            inner = await source.open(offset, if_range)
         except SourceError as exc:
+            await source.aclose()
             _reraise_redacted(exc, url)
+        except BaseException:
+            await source.aclose()
+            raise
         if meta.location is not None and inner.validator:
             self._cdn_validators[_without_query(url)] = inner.validator
-        return HubBody(inner, expected, url)
+        return HubBody(inner, expected, url, source)
 
     # -- a repository reference plus a file name or pattern -------------------------------------
+
+    async def resolve_files(
+        self, filename: str | None, include: list[str] | None
+    ) -> list[HubFile] | None:
+        """The files of a multi-file model, or None when the reference names one file.
+
+        * ``include`` patterns on a repository reference: every file matching one of them
+          (each pattern must match something); GGUF files among them must be one model.
+        * a pattern (``filename`` on a repository reference, or a glob in the reference's
+          path) matching the shards of one split GGUF, or a reference naming one shard: the
+          whole shard set, which must be complete in the repository.
+
+        Every file is pinned to the commit the listing answered, so the shards all come from
+        one version of the repository. Raises InvalidRequest, listing what matched.
+        """
+        ref = self.hub_ref
+        if include is not None:
+            if ref.path is not None or filename:
+                raise InvalidRequest(
+                    f"include picks files of a repository: give a repository reference such "
+                    f"as hf://{ref.repo}@{ref.rev} and no filename (got {self.ref}"
+                    + (f" with filename {filename!r})." if filename else ")."),
+                    param="include",
+                )
+            try:
+                info = await self._listing_info()
+            finally:
+                await self.aclose()
+            return self._include_set(info, include)
+        if ref.path is None:
+            pattern, param = filename, "filename"
+            if not pattern:
+                return None  # resolve_filename explains what a repository reference needs
+        elif has_glob(ref.path) or shard_name(ref.path) is not None:
+            pattern, param = ref.path, "url"
+        else:
+            return None  # one file: nothing to list
+        try:
+            info = await self._listing_info()
+        finally:
+            await self.aclose()
+        files = [f.rfilename for f in info.siblings]
+        where = f"{ref.repo}@{ref.rev}"
+        matches = _match(pattern, files)
+        if not matches:
+            if param == "filename":
+                return None  # resolve_filename's "no file matches" with the file list
+            raise InvalidRequest(
+                f"No file in {where} matches {pattern!r}. Files: {_shown(files)}.", param=param
+            )
+        models = _models(matches)
+        if len(models) > 1:
+            if param == "filename":
+                return None  # resolve_filename's "matches N files" listing them
+            raise InvalidRequest(
+                f"{self.ref} matches {len(matches)} files of {len(models)} models in {where}: "
+                f"{_shown(matches)}; give a pattern that matches one model (one file, or the "
+                "shards of one split GGUF).",
+                param=param,
+            )
+        shards = _shard_set(matches[0], files, where, param)
+        if shards is None:
+            if param == "url":  # a glob in the reference that picked one file
+                self.hub_ref = ref.with_path(matches[0])
+                self.ref = str(self.hub_ref)
+                log.info("hub.file_picked", pattern=pattern, path=matches[0], ref=self.ref)
+            return None
+        log.info("hub.split_model", pattern=pattern, shards=len(shards), commit=info.sha)
+        return [self._hub_file(info, path, path.rsplit("/", 1)[-1]) for path in shards]
+
+    def _include_set(self, info: _RepoInfo, include: list[str]) -> list[HubFile]:
+        files = [f.rfilename for f in info.siblings]
+        where = f"{self.hub_ref.repo}@{self.hub_ref.rev}"
+        picked: set[str] = set()
+        for pattern in include:
+            found = _match(pattern, files)
+            if not found:
+                raise InvalidRequest(
+                    f"No file in {where} matches the include pattern {pattern!r}. "
+                    f"Files: {_shown(files)}.",
+                    param="include",
+                )
+            picked.update(found)
+        ggufs = sorted(p for p in picked if p.lower().endswith(".gguf"))
+        models = _models(ggufs)
+        if len(models) > 1:
+            raise InvalidRequest(
+                f"The include patterns match GGUF files of {len(models)} models in {where}: "
+                f"{_shown(ggufs)}; a download is one model (one file, or the shards of one "
+                "split GGUF).",
+                param="include",
+            )
+        ordered: list[str] = []
+        if ggufs:
+            ordered = _shard_set(ggufs[0], files, where, "include") or ggufs
+        ordered += sorted(picked - set(ordered))
+        log.info("hub.file_set", include=include, files=len(ordered), commit=info.sha)
+        return [self._hub_file(info, path, path) for path in ordered]
+
+    def _hub_file(self, info: _RepoInfo, path: str, local: str) -> HubFile:
+        meta = next((f for f in info.siblings if f.rfilename == path), None)
+        size = sha256 = None
+        if meta is not None:
+            size = meta.lfs.size if meta.lfs and meta.lfs.size is not None else meta.size
+            digest = meta.lfs.sha256 if meta.lfs else None
+            sha256 = digest.lower() if digest and _SHA256.match(digest) else None
+        pinned = replace(self.hub_ref, path=path, revision=info.sha or self.hub_ref.revision)
+        return HubFile(path=local, ref=str(pinned), size=size, sha256=sha256)
 
     async def resolve_filename(self, filename: str | None) -> str | None:
         """The local file name for a create request's ``filename``.
@@ -247,7 +396,7 @@ class HubSource:
                 )
             return filename
         try:
-            files = await self._list_files()
+            files = [f.rfilename for f in (await self._listing_info()).siblings]
         finally:
             await self.aclose()
         where = f"{self.hub_ref.repo}@{self.hub_ref.rev}"
@@ -264,7 +413,8 @@ class HubSource:
             if matches:
                 raise InvalidRequest(
                     f"The filename {filename!r} matches {len(matches)} files in {where}: "
-                    f"{_shown(matches)}; give a pattern that matches exactly one.",
+                    f"{_shown(matches)}; give a pattern that matches one model (one file, or "
+                    "the shards of one split GGUF).",
                     param="filename",
                 )
             raise InvalidRequest(
@@ -277,8 +427,12 @@ class HubSource:
         log.info("hub.file_picked", pattern=filename, path=matches[0], ref=self.ref)
         return self.hub_ref.basename
 
-    async def _list_files(self) -> list[str]:
-        url = self.hub_ref.api_url(self.endpoint)
+    async def _listing_info(self) -> _RepoInfo:
+        """The repository's files at the revision (with sizes and LFS digests), listed once
+        per source."""
+        if self._listing is not None:
+            return self._listing
+        url = self.hub_ref.api_url(self.endpoint) + "?blobs=true"
         try:
             response = await self._hub_get(url)
             check_hub_response(
@@ -293,7 +447,8 @@ class HubSource:
                 f"{self.hub_ref.repo}: {exc}.",
                 param="url",
             ) from exc
-        return [f.rfilename for f in info.siblings]
+        self._listing = info
+        return info
 
     # -- hub requests --------------------------------------------------------------------------
 
@@ -343,6 +498,9 @@ class HubSource:
         try:
             return await client.request(method, url)
         except httpx.TransportError as exc:
+            refused = tls_failure(exc, urlsplit(url).netloc)
+            if refused is not None:
+                raise refused from exc
             raise TransientError(
                 f"Network error ({type(exc).__name__}) while asking the hub at {self.endpoint} "
                 f"about {self.ref}: {exc or 'no detail'}",
@@ -363,6 +521,41 @@ def _match(pattern: str, files: list[str]) -> list[str]:
         if found:
             return sorted(found)
     return []
+
+
+def _models(paths: list[str]) -> dict[str, list[str]]:
+    """Paths grouped by the model they belong to: a split GGUF's shards together (same
+    prefix and shard count), every other file alone."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        shard = shard_name(path)
+        key = f"{shard.prefix}\0{shard.count}" if shard is not None else path
+        groups.setdefault(key, []).append(path)
+    return groups
+
+
+def _shard_set(path: str, files: list[str], where: str, param: str) -> list[str] | None:
+    """Every shard of the split model ``path`` is a shard of, in order, from the repository's
+    ``files``; None when ``path`` is not a shard of a model in several files. A shard missing
+    from the repository is an InvalidRequest naming it."""
+    shard = shard_name(path)
+    if shard is None or shard.count == 1:
+        return None
+    by_no: dict[int, str] = {}
+    for candidate in files:
+        other = shard_name(candidate)
+        if other is not None and (other.prefix, other.count) == (shard.prefix, shard.count):
+            by_no[other.no] = candidate
+    missing = [n for n in range(1, shard.count + 1) if n not in by_no]
+    if missing:
+        name = shard.prefix.rsplit("/", 1)[-1]
+        absent = ", ".join(f"{name}-{n:05d}-of-{shard.count:05d}.gguf" for n in missing)
+        raise InvalidRequest(
+            f"The split model {shard.prefix} has {shard.count} shards but {where} lacks "
+            f"{len(missing)} of them: {absent}.",
+            param=param,
+        )
+    return [by_no[n] for n in range(1, shard.count + 1)]
 
 
 def _shown(names: list[str]) -> str:

@@ -1,84 +1,53 @@
-"""HttpSource: one remote file over HTTP(S), probed with HEAD and fetched with ranges."""
+"""HttpSource: one remote file over HTTP(S), probed with HEAD and fetched with ranges.
+
+httpx does the probes (HEAD, or a one-byte GET) and resolves redirects; the body is then
+opened on the fast path (``_wire``: a blocking socket read by the kernel's pump in a worker
+thread), at the final URL, also for https and through proxies. httpx reads a body only when
+the source was given a client of its own, or the origin sends it chunked."""
 
 from __future__ import annotations
 
-import email.utils
+import asyncio
+import contextlib
 import functools
-import os
 import re
-import ssl
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from urllib.parse import unquote, urlsplit
 
-import certifi
 import httpx
 
-from kernel.errors import PermanentError, TransientError, ValidatorChanged
+from kernel.errors import PermanentError, SourceError, TransientError, ValidatorChanged
+from kernel.http import USER_AGENT, check_status, validator_of
+from kernel.netpolicy import NetPolicy, guarded_transport
+from kernel.pump import run_in_thread
+from kernel.tls import tls_context, tls_failure
 from kernel.types import Probe
-from plugins.http_source._raw import RawResponse, _Redirected, fast_path_ok, open_raw
+from kernel.validation import http_url_problem
+from plugins.http_source._wire import CheckAddress, NeedsHttpx, Response, open_response
 
 __all__ = [
     "HttpBody",
     "HttpSource",
-    "RawBody",
-    "check_status",
+    "WireBody",
     "raise_for_status",
-    "retry_after_seconds",
-    "validator_of",
 ]
 
 CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_USER_AGENT = "modelkernel/0.1"
-
-
-def validator_of(response: httpx.Response | RawResponse) -> str | None:
-    """A strong ETag, else Last-Modified: what If-Range can use to pin the file."""
-    etag = response.headers.get("etag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("last-modified")
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After in seconds (delta or HTTP date); None when absent or unreadable."""
-    value = headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def check_status(status: int, headers: Mapping[str, str], url: str) -> None:
-    """Map an HTTP error status to the typed source errors."""
-    if status < 400:
-        return
-    if status in (408, 429) or status >= 500:
-        raise TransientError(
-            f"The server answered HTTP {status} for {url}.",
-            retry_after=retry_after_seconds(headers),
-            reason=f"http_{status}",
-        )
-    if status in (401, 403):
-        raise PermanentError(
-            f"Access denied (HTTP {status}) for {url}: the server requires credentials."
-        )
-    if status == 404:
-        raise PermanentError(f"Not found (HTTP 404): {url}")
-    raise PermanentError(f"The server refused the request with HTTP {status} for {url}.")
+MAX_REDIRECTS = 20
 
 
 def raise_for_status(response: httpx.Response, url: str) -> None:
     check_status(response.status_code, response.headers, url)
 
 
-def _transport_error(exc: httpx.TransportError, url: str) -> TransientError:
+def _transport_error(exc: httpx.TransportError, url: str) -> SourceError:
+    """A refused certificate is permanent; other transport faults are worth a retry."""
+    refused = (
+        tls_failure(exc, urlsplit(url).netloc) if isinstance(exc, httpx.ConnectError) else None
+    )
+    if refused is not None:
+        return refused
     kind = type(exc).__name__
     if isinstance(exc, httpx.ReadTimeout):
         return TransientError(
@@ -87,6 +56,40 @@ def _transport_error(exc: httpx.TransportError, url: str) -> TransientError:
     return TransientError(
         f"Network error ({kind}) while fetching {url}: {exc or 'no detail'}", reason="network"
     )
+
+
+@contextlib.contextmanager
+def _request_errors(url: str) -> Iterator[None]:
+    """httpx's request errors as source errors; a redirect loop or a redirect to a malformed
+    URL is permanent, with a message that says so."""
+    try:
+        yield
+    except httpx.TooManyRedirects as exc:
+        raise PermanentError(
+            f"Too many redirects from {url}: the server redirects in a loop "
+            f"(more than {MAX_REDIRECTS} hops)."
+        ) from exc
+    except httpx.UnsupportedProtocol as exc:
+        raise PermanentError(f"The server redirected {url} to a URL that is not http(s).") from exc
+    except httpx.TransportError as exc:
+        raise _transport_error(exc, url) from exc
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise PermanentError(f"The server redirected {url} to an invalid URL: {exc}.") from exc
+
+
+def _hop_checker(policy: NetPolicy | None) -> Callable[[httpx.Request], Awaitable[None]]:
+    async def check_hop(request: httpx.Request) -> None:
+        """Every request (each redirect hop too) goes to a well-formed URL, and to a host
+        the policy does not refuse by name (its addresses are checked at connect time)."""
+        problem = http_url_problem(str(request.url))
+        if problem is not None:
+            raise PermanentError(
+                f"The server redirected to a URL that cannot be fetched: {problem}"
+            )
+        if policy is not None:
+            policy.check_name(request.url.host)
+
+    return check_hop
 
 
 class HttpBody:
@@ -108,11 +111,12 @@ class HttpBody:
         await self.response.aclose()
 
 
-class RawBody:
-    """A body read by the lean reader: ``readinto`` fills the transfer's own buffers."""
+class WireBody:
+    """A body on the fast path: the kernel's pump reads it in a worker thread, straight into
+    its own block buffer (kernel.pump.BlockingBody)."""
 
     def __init__(
-        self, response: RawResponse, start: int, total: int | None, url: str, stall_timeout: float
+        self, response: Response, start: int, total: int | None, url: str, stall_timeout: float
     ) -> None:
         self.response = response
         self.start = start
@@ -121,27 +125,31 @@ class RawBody:
         self._url = url
         self._stall = stall_timeout
 
-    async def readinto(self, buffer: memoryview) -> int:
+    def readinto_blocking(self, view: memoryview, flush_s: float) -> int:
         try:
-            return await self.response.readinto(buffer, self._stall)
+            return self.response.readinto_blocking(view, flush_s)
         except TimeoutError as exc:
             raise TransientError(
                 f"No data from {self._url} for longer than the stall timeout; reconnecting.",
                 reason="stall",
             ) from exc
-        except (OSError, ConnectionError) as exc:
+        except (OSError, ValueError) as exc:
             raise TransientError(
                 f"Network error ({type(exc).__name__}) while fetching {self._url}: {exc}",
                 reason="network",
             ) from exc
 
+    def interrupt(self) -> None:
+        self.response.interrupt()
+
     async def chunks(self) -> AsyncIterator[bytes]:
+        """For callers that want chunks (the kernel uses readinto_blocking)."""
         buffer = bytearray(1 << 20)
-        while n := await self.readinto(memoryview(buffer)):
+        while n := await asyncio.to_thread(self.readinto_blocking, memoryview(buffer), 0.25):
             yield bytes(buffer[:n])
 
     async def aclose(self) -> None:
-        await self.response.aclose()
+        self.response.close()
 
 
 class HttpSource:
@@ -152,12 +160,16 @@ class HttpSource:
         stall_timeout_s: float = 30.0,
         headers: dict[str, str] | None = None,
         client: httpx.AsyncClient | None = None,
+        ca_bundle: str | None = None,
+        check_address: CheckAddress | None = None,
+        policy: NetPolicy | None = None,
     ) -> None:
         self.ref = ref
+        self._ca_bundle = ca_bundle
         self.url = ref
         self.filename = _basename(ref)
         self._headers = {
-            "user-agent": _USER_AGENT,
+            "user-agent": USER_AGENT,
             "accept-encoding": "identity",
             **(headers or {}),
         }
@@ -166,28 +178,36 @@ class HttpSource:
         self._own_client = client is None
         self._stall = stall_timeout_s
         self._final_url: str | None = None
-        self.fast = client is None and fast_path_ok(ref, os.environ)
+        self._policy = policy
+        self._check_address = check_address or (policy.check_address if policy else None)
+        self.fast = client is None  # bodies on the fast path (see the module's docstring)
 
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 follow_redirects=True,
+                max_redirects=MAX_REDIRECTS,
                 timeout=self._timeout,
                 headers=self._headers,
-                verify=_tls_context(),
+                verify=tls_context(self._ca_bundle),
+                event_hooks={"request": [_hop_checker(self._policy)]},
             )
+            if self._policy is not None:
+                # The direct connections go through the policy; set after construction, as
+                # passing transport= would make httpx ignore the proxies from the environment.
+                self._client._transport = guarded_transport(
+                    self._policy, tls_context(self._ca_bundle)
+                )
         return self._client
 
     async def probe(self) -> Probe:
-        try:
+        with _request_errors(self.url):
             response = await self.client.head(self.url)
             if response.status_code in (405, 501) or (
                 response.status_code < 400 and "content-length" not in response.headers
             ):
                 response = await self._probe_with_get()
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, self.url) from exc
         raise_for_status(response, self.url)
         size: int | None = None
         if response.status_code == 206:
@@ -215,42 +235,43 @@ class HttpSource:
 
     async def open(
         self, offset: int, validator: str | None, end: int | None = None
-    ) -> HttpBody | RawBody:
+    ) -> HttpBody | WireBody:
         headers: dict[str, str] = {}
         if offset > 0 or end is not None:
             headers["range"] = f"bytes={offset}-{'' if end is None else end}"
             if validator:
                 headers["if-range"] = validator
         url = self._final_url or self.url
-        if self.fast and url.startswith("http://"):
+        if self.fast:
             try:
-                return await self._open_raw(url, headers, offset)
-            except _Redirected as moved:
+                return await self._open_wire(url, headers, offset)
+            except NeedsHttpx as moved:
                 url = moved.url
         return await self._open_httpx(url, headers, offset)
 
-    async def _open_raw(self, url: str, headers: dict[str, str], offset: int) -> RawBody:
-        sent = {**self._headers, **headers}
+    async def _open_wire(self, url: str, headers: dict[str, str], offset: int) -> WireBody:
+        opening = run_in_thread(
+            functools.partial(
+                open_response, url, {**self._headers, **headers},
+                tls=tls_context(self._ca_bundle), connect_timeout=self._timeout.connect or 10.0,
+                read_timeout=self._stall, check_address=self._check_address,
+            ),
+            name="modelkernel-connect",
+        )  # fmt: skip
         try:
-            response = await open_raw(url, sent, connect_timeout=self._timeout.connect or 10.0)
-        except TimeoutError as exc:
-            raise TransientError(f"Timed out connecting to {url}.", reason="network") from exc
-        except (OSError, ConnectionError) as exc:
-            raise TransientError(
-                f"Network error ({type(exc).__name__}) while fetching {url}: {exc}",
-                reason="network",
-            ) from exc
+            response = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
         try:
             self._check_body_status(response.status_code, response.headers, offset, url)
-            if "chunked" in response.headers.get("transfer-encoding", "").lower() or (
-                "content-length" not in response.headers
-            ):
-                raise _Redirected(url)  # no length to trust: let httpx decode the framing
+            if response.chunked:
+                raise NeedsHttpx(response.url)  # httpx decodes the framing
+            start, total = self._span(response.status_code, response.headers, url, offset)
         except BaseException:
-            await response.aclose()
+            response.close()
             raise
-        start, total = self._span(response.status_code, response.headers, url, offset)
-        return RawBody(response, start, total, url, self._stall)
+        return WireBody(response, start, total, url, self._stall)
 
     def _check_body_status(
         self, status: int, headers: Mapping[str, str], offset: int, url: str
@@ -273,10 +294,8 @@ class HttpSource:
 
     async def _open_httpx(self, url: str, headers: dict[str, str], offset: int) -> HttpBody:
         request = self.client.build_request("GET", url, headers=headers)
-        try:
+        with _request_errors(self.url):
             response = await self.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, self.url) from exc
         try:
             self._check_body_status(response.status_code, response.headers, offset, url)
             start, total = self._span(response.status_code, response.headers, url, offset)
@@ -291,11 +310,10 @@ class HttpSource:
             self._client = None
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One verifying TLS context for every client: loading the CA bundle per download costs
-    milliseconds and about a megabyte each, which adds up over hundreds of downloads."""
-    return ssl.create_default_context(cafile=certifi.where())
+def _close_opened(opening: asyncio.Future[Response]) -> None:
+    """A connection that finished opening after its caller was cancelled: close it."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def _filename(response: httpx.Response) -> str | None:

@@ -24,7 +24,7 @@ from kernel.errors import KernelError
 if TYPE_CHECKING:
     from kernel.types import DownloadStore
 
-__all__ = ["node_id_of", "open_store", "shutdown", "startup", "store_dsn"]
+__all__ = ["node_id_of", "open_store", "register_routes", "shutdown", "startup", "store_dsn"]
 
 log = structlog.get_logger()
 DSN_ENV = "MODELKERNEL_STORE_DSN"
@@ -95,3 +95,14 @@ def shutdown(kernel: Any) -> Any:
             await task
 
     return wait()
+
+
+@hookimpl
+def register_routes(settings: Settings) -> list[Any]:
+    """The cluster view (``GET /v1/cluster/nodes``, ``/v1/cluster/downloads``), only on a
+    node that uses the shared database."""
+    if settings.store.kind != "postgres":
+        return []
+    from plugins.pg_store.cluster import ClusterController
+
+    return [ClusterController]

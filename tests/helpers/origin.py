@@ -50,6 +50,7 @@ class Faults:
     no_head: bool = False  # HEAD answers 405
     no_content_length: bool = False  # omit Content-Length (chunked transfer)
     short_body: int | None = None  # full Content-Length but only this many bytes, then close (once)
+    no_ranges: bool = False  # no Accept-Ranges, and Range is ignored (200 + the whole file)
     cut_every_after: int | None = None  # cut EVERY response after this many body bytes
 
 
@@ -110,12 +111,17 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class Origin:
-    """Loopback origin server on 127.0.0.1 with an ephemeral port; use as a context manager."""
+    """Loopback origin server on 127.0.0.1 with an ephemeral port; use as a context manager.
+    With ``tls`` (a certificate and key, see tests/helpers/tls.py) it speaks HTTPS, as
+    ``https://{host}:{port}``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Any = None, host: str = "127.0.0.1") -> None:
         self.base_url = ""
+        self.tls = tls
+        self.host = host  # the name in base_url (the server listens on 127.0.0.1)
         self.faults = Faults()
         self.requests: list[RequestLog] = []
+        self.body_bytes: dict[str, int] = {}  # file name -> body bytes sent (every GET)
         self._files: dict[str, _File] = {}
         self._redirects: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
@@ -180,6 +186,8 @@ class Origin:
             self._app, host="127.0.0.1", port=0, interface="asgi3", http="h11", ws="none",
             lifespan="off", log_level="warning", log_config=None, access_log=False,
             proxy_headers=False, timeout_graceful_shutdown=5,
+            ssl_certfile=str(self.tls.cert) if self.tls else None,
+            ssl_keyfile=str(self.tls.key) if self.tls else None,
         )  # fmt: skip
         server = self._server = uvicorn.Server(config)
         _UVICORN_LOG.addFilter(self._log_filter)
@@ -192,7 +200,8 @@ class Origin:
                 raise RuntimeError("origin server failed to start")
             thread.join(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
+        scheme = "https" if self.tls else "http"
+        self.base_url = f"{scheme}://{self.host}:{port}"
 
     def stop(self) -> None:
         if self._server is None or self._thread is None:
@@ -246,7 +255,7 @@ class Origin:
         gone = asyncio.ensure_future(_disconnected(receive))  # cancelled by stop()
         self._watchers.add(gone)
         try:
-            await self._stream(reply.body, send, gone)
+            await self._stream(reply.body, send, gone, path.removeprefix("/"))
         finally:
             gone.cancel()
             self._watchers.discard(gone)
@@ -266,20 +275,21 @@ class Origin:
             return _text(405, "method not allowed\n", ("allow", "GET"))
         if name in self._redirects:
             target, status = self._redirects[name]
-            return _text(status, "redirect\n", ("location", self.url(target)))
+            location = target if "://" in target else self.url(target)  # absolute: as given
+            return _text(status, "redirect\n", ("location", location))
         file = self._files.get(name)
         if file is None:
             return _text(404, "not found\n")
         size = len(file.data)
         out = [
-            ("accept-ranges", "bytes"),
+            *([] if faults.no_ranges else [("accept-ranges", "bytes")]),
             ("etag", file.etag),
             ("last-modified", formatdate(file.mtime, usegmt=True)),
             ("content-type", "application/octet-stream"),
         ]
         span = None
         fresh = headers.get("if-range", file.etag) == file.etag  # If-Range: strong ETag match
-        if "range" in headers and fresh and not faults.ignore_range:
+        if "range" in headers and fresh and not (faults.ignore_range or faults.no_ranges):
             span = _parse_range(headers["range"], size)
         if span is None:
             status, body = 200, file.data
@@ -292,7 +302,9 @@ class Origin:
             out.append(("content-length", str(len(body))))
         return _Reply(status, out, body, stream=True)
 
-    async def _stream(self, body: bytes, send: Send, gone: asyncio.Future[None]) -> None:
+    async def _stream(
+        self, body: bytes, send: Send, gone: asyncio.Future[None], name: str = ""
+    ) -> None:
         pos = 0
         while pos < len(body) and not gone.done():
             bps = self.faults.throttle_bps
@@ -300,6 +312,8 @@ class Origin:
             end, fault = self._claim_fault(pos, min(pos + step, len(body)))
             await send({"type": "http.response.body", "body": body[pos:end], "more_body": True})
             sent, pos = end - pos, end
+            with self._lock:
+                self.body_bytes[name] = self.body_bytes.get(name, 0) + sent
             if fault in ("drop_after", "short_body", "cut_every_after"):
                 raise _Abort(fault)
             if fault == "stall_after":

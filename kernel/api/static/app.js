@@ -12,6 +12,7 @@
   const ACTIVE_ACTIONS = new Set(["queued", "downloading", "paused", "creating_engine"]);
   const POLL_MS = 2000;
   const RECONNECT_MS = 5000;
+  const CLUSTER_MS = 2000;
 
   const state = {
     downloads: new Map(), // model_id -> download object, in display order
@@ -437,6 +438,59 @@
     }, 5000);
   }
 
+  // --- the fleet (only when the server shares its state: /v1/cluster/* exist) ---------------
+
+  async function refreshCluster() {
+    let nodes;
+    let files;
+    try {
+      nodes = await api("GET", "/v1/cluster/nodes");
+      files = await api("GET", "/v1/cluster/downloads");
+    } catch (error) {
+      if (error.status === 404) {
+        $("cluster").hidden = true; // a standalone server: stop asking
+        return;
+      }
+      setTimeout(refreshCluster, CLUSTER_MS);
+      return;
+    }
+    renderCluster(nodes.nodes || [], files.files || []);
+    $("cluster").hidden = false;
+    setTimeout(refreshCluster, CLUSTER_MS);
+  }
+
+  function renderCluster(nodes, files) {
+    const nodeRows = [];
+    for (const n of nodes) {
+      const row = el("tr", `cluster-node node-${n.state}`);
+      row.dataset.nodeId = String(n.node_id);
+      const ago = `${Number(n.seconds_since_heartbeat).toFixed(1)} s ago`;
+      row.append(el("td", "node-id", n.node_id), el("td", "node-state", n.state), el("td", "", ago));
+      nodeRows.push(row);
+    }
+    $("cluster-nodes").replaceChildren(...nodeRows);
+    const fileRows = [];
+    for (const f of files) {
+      const row = el("tr", "cluster-file");
+      const copies = `${f.copies.available}/${f.copies.total} available, ${f.copies.failed} failed`;
+      const fetch = f.fetch
+        ? `${f.fetch.state}, ${f.fetch.holder || "nobody"} holds it: ` +
+          `${formatBytes(f.fetch.done)} of ${formatBytes(f.fetch.size || f.size)}`
+        : "";
+      const perNode = f.nodes
+        .map((c) => `${c.node_id}/${c.model_id}: ${c.status} ${formatBytes(c.downloaded_bytes)}`)
+        .join("; ");
+      row.append(
+        el("td", "file-url", f.url),
+        el("td", "file-copies", copies),
+        el("td", "file-fetch", fetch),
+        el("td", "file-nodes", perNode),
+      );
+      fileRows.push(row);
+    }
+    $("cluster-files").replaceChildren(...fileRows);
+  }
+
   // --- formatting -----------------------------------------------------------------------------
 
   function clampPercent(value) {
@@ -489,6 +543,7 @@
     render();
     connectEvents();
     refresh();
+    refreshCluster();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
