@@ -9,12 +9,14 @@ Writes random-weight GGUF models (a ~70 MB llama for the busy model, the tests' 
 embedding model for the others), starts the server as a subprocess on loopback, and measures:
 
 1. idle latency of an embedding request and a short completion on the other models, and of
-   adding a model from a local file;
-2. the same while 16 long completions (``--tokens`` each) run on the busy model. Target: each
-   within 2x its idle latency (median);
-3. a streamed completion on the busy model whose client disconnects: the time from closing
-   the socket until the engine's worker is idle, in tokens of that stream. Target: within one
-   token (the time the server takes to notice the disconnect comes on top and is shown);
+   adding (and removing) a model from a local file: ``--samples`` rounds before the load and
+   as many after it, so a machine whose background load drifts is sampled on both sides;
+2. the same, round after round for as long as 16 long completions (``--tokens`` each) keep
+   the busy model's queue full. Target: each median within 2x its idle median;
+3. a streamed completion on the busy model whose client disconnects: how long the generation
+   ran on after the server saw the disconnect (the engine's ``last_stop_seconds``), in tokens
+   of that stream. Target: within one token (the time the server takes to notice the
+   disconnect comes on top and is shown);
 4. a queued request whose client disconnects: dropped without running.
 
 Prints a markdown table; exit status 0 (1 with --strict when a target fails).
@@ -55,10 +57,6 @@ def timed(call: Callable[[], Any]) -> float:
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
-
-
-def median_of(n: int, call: Callable[[], Any]) -> float:
-    return statistics.median(timed(call) for _ in range(n))
 
 
 class Bench:
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1408, help="busy model width (~70 MB)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per long request")
     parser.add_argument("--concurrent", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=7, help="latency samples per figure")
+    parser.add_argument("--samples", type=int, default=10, help="idle samples before (and after)")
     parser.add_argument("--strict", action="store_true")
     args = parser.parse_args(argv)
 
@@ -143,16 +141,28 @@ def main(argv: list[str] | None = None) -> int:
             return run(bench, args, size_mb)
 
 
+CALLS = {
+    "embeddings (other model)": "embed",
+    "completion, 8 tokens (other model)": "complete_other",
+    "add + remove a model": "add_and_remove",
+}
+
+
+def sample_round(bench: Bench, into: dict[str, list[float]]) -> None:
+    """One latency sample of each call, spaced out (to spread them over the load's span)."""
+    for name, method in CALLS.items():
+        into.setdefault(name, []).append(timed(getattr(bench, method)))
+        time.sleep(0.05)
+
+
 def run(bench: Bench, args: argparse.Namespace, size_mb: float) -> int:
     n = args.samples
     for call in (bench.embed, bench.complete_other):
         call()  # warm up
-    say("idle latencies")
-    idle = {
-        "embeddings (other model)": median_of(n, bench.embed),
-        "completion, 8 tokens (other model)": median_of(n, bench.complete_other),
-        "add + remove a model": median_of(n, bench.add_and_remove),
-    }
+    say("idle latencies (before the load)")
+    idle_samples: dict[str, list[float]] = {}
+    for _ in range(n):
+        sample_round(bench, idle_samples)
     single = timed(
         lambda: bench.post(
             "/v1/completions", {"model": "busy", "prompt": "the", "max_tokens": args.tokens}
@@ -171,15 +181,19 @@ def run(bench: Bench, args: argparse.Namespace, size_mb: float) -> int:
     for t in threads:
         t.start()
     wait_until(lambda: bench.requests()["queued"] >= args.concurrent - 2)
-    loaded = {
-        "embeddings (other model)": median_of(n, bench.embed),
-        "completion, 8 tokens (other model)": median_of(n, bench.complete_other),
-        "add + remove a model": median_of(n, bench.add_and_remove),
-    }
-    still_queued = bench.requests()["queued"]
+    # sample through the whole load, while at least two requests still wait
+    loaded_samples: dict[str, list[float]] = {}
+    while bench.requests()["queued"] >= 2:
+        sample_round(bench, loaded_samples)
     for t in threads:
         t.join()
     busy_total = time.perf_counter() - started
+    say("idle latencies (after the load)")
+    for _ in range(n):
+        sample_round(bench, idle_samples)
+    idle = {k: statistics.median(v) for k, v in idle_samples.items()}
+    loaded = {k: statistics.median(v) for k, v in loaded_samples.items()}
+    rounds = len(next(iter(loaded_samples.values())))
 
     say("a streamed request whose client disconnects")
     sock = open_stream(bench.url, {"model": "busy", "prompt": "the",
@@ -230,7 +244,8 @@ def run(bench: Bench, args: argparse.Namespace, size_mb: float) -> int:
           f"{args.tokens}-token completions)\n")  # fmt: skip
     print(f"One {args.tokens}-token completion alone: {single:.2f} s; the {args.concurrent} "
           f"together: {busy_total:.2f} s (last finished at {max(done):.2f} s); "
-          f"{still_queued} still queued after the loaded measurements.\n")  # fmt: skip
+          f"Latencies: medians of {2 * n} idle samples (half before, half after the load) and "
+          f"{rounds} samples spread over the load.\n")  # fmt: skip
     print("| request to another model / engine creation | idle | during the load | ratio | "
           "target |")  # fmt: skip
     print("|---|---|---|---|---|")

@@ -48,8 +48,12 @@ from kernel.types import (
     EngineCreated,
     EngineSpec,
     FileRecord,
+    FileSetSource,
     ModelType,
+    NamedSource,
+    PickingSource,
     RemoteFile,
+    Source,
     Status,
 )
 from kernel.validation import validate_filename, validate_model_id, validate_url
@@ -231,23 +235,21 @@ class DownloadManager:
         source = self.plugins.resolve_source(url)
         remote: builtins.list[RemoteFile] | None = None
         try:
-            resolve_files = getattr(source, "resolve_files", None)
-            if resolve_files is not None:
+            if isinstance(source, FileSetSource):
                 # A split GGUF's shards, or a repository's files picked by include patterns.
-                remote = await resolve_files(filename, include)
+                remote = await source.resolve_files(filename, include)
             elif include is not None:
                 raise InvalidRequest(
                     f"include picks several files of a repository (hf://owner/repo); {url} "
                     "names one file.",
                     param="include",
                 )
-            resolve_filename = getattr(source, "resolve_filename", None)
             if remote is not None:
                 name = ""
-            elif resolve_filename is not None:
+            elif isinstance(source, PickingSource):
                 # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf":
                 # it lists the repository); its ref then names that one file, kept in the record.
-                filename = await resolve_filename(filename)
+                filename = await source.resolve_filename(filename)
                 url = source.ref
             if remote is None:
                 name = (
@@ -543,6 +545,7 @@ class DownloadManager:
                     "shared_bucket": self.bucket,
                     "on_bytes": self._on_bytes,
                     "on_retry": self._on_retry,
+                    "verifier": self.engines.verifier(rec.engine),
                 }
                 if rec.files is not None:
                     await FileSetTransfer(
@@ -702,8 +705,8 @@ def _primary(directory: Path, files: builtins.list[FileRecord]) -> str:
     return files[0].local_path if len(files) == 1 else str(directory)
 
 
-def _default_filename(source: object, model_id: str) -> str:
-    name = getattr(source, "filename", None)
+def _default_filename(source: Source, model_id: str) -> str:
+    name = source.filename if isinstance(source, NamedSource) else None
     try:
         return validate_filename(name) if name else f"{model_id}.bin"
     except InvalidRequest:

@@ -5,17 +5,13 @@ A backend (returned by the ``register_engine_backends`` hook) turns a model file
 alias, settles ``main_gpu_id`` (``-1``: the visible GPU with the most free memory, or 0 when
 there is none), keeps one engine per model id, and routes completions and embeddings to it.
 
-Beyond the ``EngineBackend`` / ``Engine`` protocols, a backend or engine may offer (and the
-registry uses when present): ``backend.check(spec, prefix=...)`` to reject bad
-``loading_parameters`` at request time; ``backend.available`` / ``version`` /
-``description`` for ``GET /v1/engines``; ``engine.state`` (``loaded`` / ``loading`` /
-``unloaded``, for engines that load on first use) and ``engine.details`` (a dict of facts);
-``engine.complete_detailed(prompt, max_tokens)`` returning ``{text, finish_reason,
-prompt_tokens, completion_tokens}`` and ``engine.embed_detailed(texts)`` returning
-``(vectors, prompt_tokens)`` for token counts in the OpenAI ``usage`` block;
-``engine.generate(prompt, sampling)`` and ``engine.chat(messages, sampling)``, async iterators
-of :class:`~kernel.types.Piece` that honour :class:`~kernel.types.Sampling` and stop when
-closed, with ``engine.supports_chat`` saying whether ``chat`` works for that model.
+Beyond the ``EngineBackend`` / ``Engine`` protocols, a backend or engine may declare the
+optional capabilities of :mod:`kernel.types` (checked with isinstance, nothing else):
+``CheckingBackend`` (reject bad ``loading_parameters`` at request time), ``DescribedBackend``
+(description, version, availability for ``GET /v1/engines``), ``LazyEngine`` (``state``),
+``DescribedEngine`` (``details``), ``CountingEngine`` / ``CountingEmbedder`` (token counts for
+the OpenAI ``usage`` block), ``GeneratingEngine`` (streamed completions honouring
+:class:`~kernel.types.Sampling`) and ``ChatEngine`` (chat completions).
 """
 
 from __future__ import annotations
@@ -23,14 +19,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 import structlog
 
 from kernel.errors import EngineError, InvalidRequest
-from kernel.types import Engine, EngineBackend, EngineSpec, GpuInfo, Piece, Sampling
+from kernel.types import (
+    ChatEngine,
+    CheckingBackend,
+    CountingEmbedder,
+    CountingEngine,
+    DescribedEngine,
+    Engine,
+    EngineBackend,
+    EngineSpec,
+    GeneratingEngine,
+    GpuInfo,
+    LazyEngine,
+    Piece,
+    Sampling,
+    VerifyingBackend,
+)
 
 __all__ = ["AUTO_TYPE", "DEFAULT_BACKEND", "Completion", "EngineEntry", "EngineRegistry"]
 
@@ -72,7 +83,7 @@ class EngineRegistry:
     ) -> None:
         self._backends: dict[str, EngineBackend] = {}
         for backend in backends:
-            for name in (backend.name, *getattr(backend, "aliases", ())):
+            for name in (backend.name, *backend.aliases):
                 if name in self._backends:
                     raise RuntimeError(f"Two plugins provide the engine backend {name!r}.")
                 self._backends[name] = backend
@@ -101,6 +112,13 @@ class EngineRegistry:
                 f"Unknown inference engine {name!r}; available: {known}.", param=param
             ) from None
 
+    def verifier(self, spec: EngineSpec | None) -> VerifyingBackend | None:
+        """The backend that will load a download's file, when it checks files: the one its
+        ``engine_creation`` names, else the default backend."""
+        name = spec.inference_engine if spec is not None else self.default_backend
+        backend = self._backends.get(name) if name else None
+        return backend if isinstance(backend, VerifyingBackend) else None
+
     def check_gpu(self, gpu_id: int, *, param: str = "main_gpu_id") -> None:
         """-1 (pick the freest) and 0 (the default device, or the CPU) are always valid."""
         if gpu_id in (-1, 0) or any(g.id == gpu_id for g in self.gpus):
@@ -126,9 +144,8 @@ class EngineRegistry:
     def validate(self, spec: EngineSpec, *, prefix: str = "engine_creation.") -> None:
         backend = self.backend(spec.inference_engine, param=prefix + "inference_engine")
         self.check_gpu(spec.main_gpu_id, param=prefix + "main_gpu_id")
-        check = getattr(backend, "check", None)
-        if check is not None:
-            check(spec, prefix=prefix)
+        if isinstance(backend, CheckingBackend):
+            backend.check(spec, prefix=prefix)
 
     # --- engines ----------------------------------------------------------------------------
 
@@ -166,7 +183,7 @@ class EngineRegistry:
         self.entries[model_id] = EngineEntry(
             model_id=model_id,
             path=path,
-            model_type=getattr(engine, "model_type", model_type),
+            model_type=engine.model_type,
             inference_engine=spec.inference_engine,
             backend=backend.name,
             main_gpu_id=spec.main_gpu_id,
@@ -183,10 +200,11 @@ class EngineRegistry:
     def state(self, model_id: str) -> str:
         """``loaded``, ``loading`` or ``unloaded`` (registered, loads on first use)."""
         engine = self.engines[model_id]
-        return str(getattr(engine, "state", "loaded"))
+        return engine.state if isinstance(engine, LazyEngine) else "loaded"
 
     def details(self, model_id: str) -> dict[str, Any] | None:
-        details = getattr(self.engines[model_id], "details", None)
+        engine = self.engines[model_id]
+        details = engine.details if isinstance(engine, DescribedEngine) else None
         return dict(details) if details else None
 
     def supports_chat(self, model_id: str) -> bool | None:
@@ -195,9 +213,7 @@ class EngineRegistry:
         if engine is None:
             return None
         return (
-            getattr(engine, "model_type", "llm") == "llm"
-            and hasattr(engine, "chat")
-            and bool(getattr(engine, "supports_chat", False))
+            engine.model_type == "llm" and isinstance(engine, ChatEngine) and engine.supports_chat
         )
 
     def registered(self) -> list[EngineEntry]:
@@ -223,7 +239,7 @@ class EngineRegistry:
         engine = self.engines.get(model_id)
         if engine is None:
             raise InvalidRequest(f"Model not found: {model_id}", param="model")
-        if getattr(engine, "model_type", kind) not in (kind, AUTO_TYPE):
+        if engine.model_type not in (kind, AUTO_TYPE):
             raise InvalidRequest(
                 f"Model {model_id} is an {engine.model_type} model; {endpoint} needs an "
                 f"{kind} model.",
@@ -233,11 +249,10 @@ class EngineRegistry:
 
     async def complete(self, model_id: str, prompt: str, max_tokens: int) -> Completion:
         engine = self._engine_of(model_id, "llm", "/v1/completions")
-        detailed = getattr(engine, "complete_detailed", None)
-        if detailed is None:
+        if not isinstance(engine, CountingEngine):
             text = await engine.complete(prompt, max_tokens)
             return Completion(text=text, finish_reason="length")
-        return msgspec.convert(await detailed(prompt, max_tokens), Completion)
+        return msgspec.convert(await engine.complete_detailed(prompt, max_tokens), Completion)
 
     async def generate(
         self, model_id: str, prompt: str | list[int], sampling: Sampling
@@ -245,9 +260,8 @@ class EngineRegistry:
         """The engine's pieces for ``prompt``; an engine without ``generate`` answers in one
         piece from ``complete`` (its own sampling; a text prompt only)."""
         engine = self._engine_of(model_id, "llm", "/v1/completions")
-        generate = getattr(engine, "generate", None)
-        if generate is not None:
-            async with contextlib.aclosing(generate(prompt, sampling)) as pieces:
+        if isinstance(engine, GeneratingEngine):
+            async with _closing_pieces(engine.generate(prompt, sampling)) as pieces:
                 async for piece in pieces:
                     yield piece
             return
@@ -268,14 +282,13 @@ class EngineRegistry:
     ) -> AsyncGenerator[Piece, None]:
         """The engine's pieces answering ``messages`` (InvalidRequest when it cannot chat)."""
         engine = self._engine_of(model_id, "llm", "/v1/chat/completions")
-        chat = getattr(engine, "chat", None)
-        if chat is None:
+        if not isinstance(engine, ChatEngine):
             raise InvalidRequest(
                 f"Model {model_id}'s engine does not support chat completions; use "
                 "/v1/completions.",
                 param="model",
             )
-        async with contextlib.aclosing(chat(messages, sampling)) as pieces:
+        async with _closing_pieces(engine.chat(messages, sampling)) as pieces:
             async for piece in pieces:
                 yield piece
 
@@ -285,14 +298,13 @@ class EngineRegistry:
         """One vector per text (or list of token ids), and the prompt token count (0 when the
         engine does not say)."""
         engine = self._engine_of(model_id, "embedding", "/v1/embeddings")
-        detailed = getattr(engine, "embed_detailed", None)
-        if detailed is None:
+        if not isinstance(engine, CountingEmbedder):
             if not all(isinstance(t, str) for t in texts):
                 raise InvalidRequest(
                     f"Model {model_id}'s engine takes text input only.", param="input"
                 )
             return await engine.embed(texts), 0  # type: ignore[arg-type]
-        vectors, tokens = await detailed(texts)
+        vectors, tokens = await engine.embed_detailed(texts)
         return vectors, int(tokens)
 
 
@@ -305,3 +317,10 @@ def _close_abandoned(job: asyncio.Future[Engine]) -> None:
     closing = asyncio.ensure_future(job.result().close())
     _closing.add(closing)
     closing.add_done_callback(_closing.discard)
+
+
+def _closing_pieces(pieces: AsyncIterator[Piece]) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Close an engine's piece generator when the caller stops reading (a client left)."""
+    if isinstance(pieces, AsyncGenerator):
+        return contextlib.aclosing(pieces)
+    return contextlib.nullcontext(pieces)

@@ -24,10 +24,11 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 from kernel._files import disk_error, pwrite_all
 from kernel.errors import PermanentError
+from kernel.types import BlockingBody
 
 __all__ = ["BlockingBody", "Pump", "is_blocking", "run_in_thread"]
 
@@ -36,31 +37,9 @@ FLUSH_S = 0.25  # the longest a block is held, and the most often the loop hears
 T = TypeVar("T")
 
 
-@runtime_checkable
-class BlockingBody(Protocol):
-    """A body that can be read off the event loop (the fast path)."""
-
-    start: int
-    total: int | None
-    validator: str | None
-
-    def readinto_blocking(self, view: memoryview, flush_s: float) -> int:
-        """Fill ``view``; return when it is full, at the end of the body, or after ``flush_s``
-        seconds holding at least one byte. 0 only at the end. Raises TransientError (stall,
-        network) or PermanentError. Called from a worker thread."""
-        ...
-
-    def interrupt(self) -> None:
-        """Make a ``readinto_blocking`` in progress return soon (thread-safe)."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
 def is_blocking(body: object) -> bool:
-    return callable(getattr(body, "readinto_blocking", None)) and callable(
-        getattr(body, "interrupt", None)
-    )
+    """Whether ``body`` declares the fast path (kernel.types.BlockingBody)."""
+    return isinstance(body, BlockingBody)
 
 
 def run_in_thread(

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
-from kernel.types import DownloadRecord, Source
+from kernel.types import DownloadRecord, RangedSource
 
 __all__ = ["check_segments", "cut_segment", "plan_segments", "preallocate", "run_segments"]
 
@@ -45,7 +45,7 @@ def plan_segments(size: int, connections: int) -> list[list[int]]:
 
 async def run_segments(
     rec: DownloadRecord,
-    source: Source,
+    source: RangedSource,
     validator: str | None,
     *,
     fetch: Fetch,
@@ -91,7 +91,7 @@ def _failed(task: asyncio.Task[None]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is not None
 
 
-async def _fetch(seg: list[int], source: Any, validator: str | None, fetch: Fetch) -> None:
+async def _fetch(seg: list[int], source: RangedSource, validator: str | None, fetch: Fetch) -> None:
     start, end, _ = seg
     offset = start + seg[2]
     body = await source.open(offset, validator, end=end - 1)  # a later cut stops it earlier

@@ -16,7 +16,14 @@ __all__ = [
     "ACTIVE",
     "STATUSES",
     "TERMINAL",
+    "BlockingBody",
     "Body",
+    "ChatEngine",
+    "CheckingBackend",
+    "CountingEmbedder",
+    "CountingEngine",
+    "DescribedBackend",
+    "DescribedEngine",
     "DownloadCreated",
     "DownloadProgress",
     "DownloadRecord",
@@ -29,13 +36,19 @@ __all__ = [
     "Event",
     "FileRecord",
     "FileSetSource",
+    "GeneratingEngine",
     "GpuInfo",
+    "LazyEngine",
+    "NamedSource",
+    "PickingSource",
     "Piece",
     "Probe",
+    "RangedSource",
     "RemoteFile",
     "Sampling",
     "Source",
     "Status",
+    "VerifyingBackend",
 ]
 
 Status: TypeAlias = Literal[
@@ -180,10 +193,70 @@ class Source(Protocol):
 
     async def open(self, offset: int, validator: str | None) -> Body:
         """Open the body at ``offset``; with a validator, only if the file is still that one
-        (If-Range). Raises TransientError / PermanentError / ValidatorChanged.
+        (If-Range). Raises TransientError / PermanentError / ValidatorChanged."""
+        ...
 
-        A source that sets ``supports_segments = True`` also accepts ``end=`` (the last byte,
-        inclusive) so the kernel can fetch a large file over several connections."""
+    async def aclose(self) -> None: ...
+
+
+# --- optional capabilities of a Source (and its bodies) -----------------------------------
+# A source declares one by having its members; the kernel checks with isinstance against
+# these Protocols and never probes for anything else. A class may also list them as bases
+# (``class MySource(RangedSource, NamedSource)``) so that mypy checks the signatures.
+
+
+@runtime_checkable
+class RangedSource(Protocol):
+    """A Source that can fetch one byte range, so a large file comes over several
+    connections at once (segmented) when ``supports_segments`` is True."""
+
+    supports_segments: bool
+
+    async def open(self, offset: int, validator: str | None, end: int | None = None) -> Body:
+        """As ``Source.open``, stopping after byte ``end`` (inclusive) when it is given."""
+        ...
+
+
+@runtime_checkable
+class NamedSource(Protocol):
+    """A Source that knows the file's name before probing it (the last part of a URL path, a
+    file in a repository); the download is saved under it when the request names none."""
+
+    @property
+    def filename(self) -> str | None: ...
+
+
+@runtime_checkable
+class PickingSource(Protocol):
+    """A Source whose reference may name several files (a repository) and that picks one
+    with the request's ``filename`` (a name or a glob). After ``resolve_filename``, ``ref``
+    names that one file; the kernel records it."""
+
+    ref: str
+
+    async def resolve_filename(self, filename: str | None) -> str | None:
+        """The file name to save the chosen file under (None: the kernel picks one). Raises
+        InvalidRequest(param="filename") when nothing or more than one file matches."""
+        ...
+
+
+@runtime_checkable
+class BlockingBody(Protocol):
+    """A body that can be read off the event loop (the fast path, kernel.pump): the kernel
+    reads it from a worker thread straight into its block buffer."""
+
+    start: int
+    total: int | None
+    validator: str | None
+
+    def readinto_blocking(self, view: memoryview, flush_s: float) -> int:
+        """Fill ``view``; return when it is full, at the end of the body, or after ``flush_s``
+        seconds holding at least one byte. 0 only at the end. Raises TransientError (stall,
+        network) or PermanentError. Called from a worker thread."""
+        ...
+
+    def interrupt(self) -> None:
+        """Make a ``readinto_blocking`` in progress return soon (thread-safe)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -295,6 +368,111 @@ class EngineBackend(Protocol):
     async def create(
         self, model_id: str, path: str, model_type: str, spec: EngineSpec
     ) -> Engine: ...
+
+
+# --- optional capabilities of an EngineBackend and its Engines ---------------------------
+# As for sources: declared by having the members, checked with isinstance, nothing else.
+
+
+@runtime_checkable
+class CheckingBackend(Protocol):
+    """A backend that rejects bad ``loading_parameters`` when the request is made."""
+
+    def check(self, spec: EngineSpec, *, prefix: str = "") -> None:
+        """Raise InvalidRequest(param=prefix + "loading_parameters...") for a bad spec."""
+        ...
+
+
+@runtime_checkable
+class VerifyingBackend(Protocol):
+    """A backend that checks downloaded files are ones it can load, before the kernel keeps
+    them. The kernel asks the backend the download will be loaded with: its
+    ``engine_creation.inference_engine``, else the default backend. Both methods are
+    blocking (the kernel calls them in a worker thread) and raise PermanentError with a
+    sentence saying what is wrong."""
+
+    def verify_file(self, path: str, name: str) -> None:
+        """Check one complete file: its bytes are at ``path`` (the ``.part``), ``name`` is the
+        file name it will have. A rejected file is removed and the download fails."""
+        ...
+
+    def verify_set(self, paths: list[str]) -> None:
+        """Check the files of a multi-file download together (in order), once all are in
+        place: a split model's shards belong to one model, none is missing."""
+        ...
+
+
+@runtime_checkable
+class DescribedBackend(Protocol):
+    """What ``GET /v1/engines`` shows of a backend beyond its name and aliases."""
+
+    @property
+    def description(self) -> str | None: ...
+
+    @property
+    def version(self) -> str | None: ...
+
+    @property
+    def available(self) -> bool:
+        """False when its optional dependency is not installed."""
+        ...
+
+
+@runtime_checkable
+class LazyEngine(Protocol):
+    """An engine that loads on first use: ``loaded``, ``loading`` or ``unloaded``."""
+
+    @property
+    def state(self) -> str: ...
+
+
+@runtime_checkable
+class DescribedEngine(Protocol):
+    """An engine with facts to show (context size, layers, file, ...)."""
+
+    @property
+    def details(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class GeneratingEngine(Protocol):
+    """An engine that streams completions and honours every Sampling field."""
+
+    def generate(self, prompt: str | list[int], sampling: Sampling) -> AsyncIterator[Piece]:
+        """Pieces for ``prompt`` (text or token ids); the last has ``finish_reason`` and
+        the token counts. Stops when closed."""
+        ...
+
+
+@runtime_checkable
+class ChatEngine(Protocol):
+    """An engine that answers chat messages; ``supports_chat`` says whether this model can
+    (a GGUF without a chat template cannot)."""
+
+    @property
+    def supports_chat(self) -> bool: ...
+
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling) -> AsyncIterator[Piece]: ...
+
+
+@runtime_checkable
+class CountingEngine(Protocol):
+    """An engine whose completions report token counts (the OpenAI ``usage`` block)."""
+
+    async def complete_detailed(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+        """``{text, finish_reason, prompt_tokens, completion_tokens}``."""
+        ...
+
+
+@runtime_checkable
+class CountingEmbedder(Protocol):
+    """An engine whose embeddings report the prompt token count and take token ids."""
+
+    async def embed_detailed(
+        self, texts: list[str] | list[list[int]]
+    ) -> tuple[list[list[float]], int]:
+        """One vector per text (or list of token ids), and the prompt token count."""
+        ...
 
 
 # --- bus events: frozen, tagged with the event name --------------------------------------

@@ -275,6 +275,47 @@ async def test_the_tutorial_plugin_downloads_a_file(
     assert await asyncio.to_thread(Path(rec.local_path).read_bytes) == data
 
 
+async def test_the_tutorial_source_gets_segmented_downloads_by_declaring_ranges(
+    file_source: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tutorial's FileSource declares RangedSource (supports_segments, open(end=)): with
+    several connections allowed, a large file takes the segmented path and arrives whole."""
+    from structlog.testing import capture_logs
+
+    from kernel.config import DownloadSettings, StorageSettings
+    from kernel.core import Kernel
+    from kernel.types import TERMINAL, NamedSource, RangedSource
+
+    data = bytes(range(256)) * (12 << 10)  # 3 MiB
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "big.bin").write_bytes(data)
+    monkeypatch.setenv("FILE_SOURCE_ROOT", str(tmp_path / "src"))
+    url = f"file://{tmp_path}/src/big.bin"
+    source = file_source.FileSource(url, tmp_path / "src")
+    assert isinstance(source, RangedSource)
+    assert isinstance(source, NamedSource)
+    settings = Settings(
+        storage=StorageSettings(
+            models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")
+        ),
+        downloads=DownloadSettings(connections=4, segment_min_bytes=1 << 20),
+    )
+    kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
+    await kernel.start()
+    try:
+        with capture_logs() as logs:
+            await kernel.downloads.create(model_id="big", url=url)
+            with kernel.bus.subscribe() as events:
+                async with asyncio.timeout(10):
+                    while (rec := kernel.downloads.get("big")).status not in TERMINAL:
+                        await events.get()
+    finally:
+        await kernel.stop()
+    assert rec.status == "completed", rec.error_message
+    assert any(e["event"] == "download.segmented" for e in logs)
+    assert await asyncio.to_thread(Path(rec.local_path).read_bytes) == data
+
+
 def snippets() -> list[Any]:
     """Every complete Python example in the plugin docs outside the tutorial's package."""
     found = []

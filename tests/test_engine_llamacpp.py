@@ -17,7 +17,18 @@ import pytest
 import plugins.engine_llamacpp as plugin
 from kernel.engines import EngineRegistry
 from kernel.errors import EngineError, InvalidRequest
-from kernel.types import EngineSpec, GpuInfo
+from kernel.types import (
+    ChatEngine,
+    CheckingBackend,
+    CountingEmbedder,
+    CountingEngine,
+    DescribedBackend,
+    DescribedEngine,
+    EngineSpec,
+    GeneratingEngine,
+    GpuInfo,
+    LazyEngine,
+)
 from plugins.engine_llamacpp._gguf import infer_model_type, read_gguf
 from plugins.engine_llamacpp._params import llama_kwargs
 from plugins.engine_llamacpp.backend import NOT_INSTALLED, LlamaCppBackend, LlamaCppEngine
@@ -215,6 +226,8 @@ def test_the_backend_is_registered_with_kolosal_aliases() -> None:
     (backend,) = plugin.register_engine_backends(settings=None)  # type: ignore[arg-type]
     assert backend.name == "llama-cpp"
     assert backend.aliases == ("llama-cpu", "llama-cuda", "llama-vulkan")
+    assert isinstance(backend, CheckingBackend)
+    assert isinstance(backend, DescribedBackend)
     assert EngineRegistry([backend], []).backend("llama-cuda") is backend
 
 
@@ -286,6 +299,10 @@ async def test_load_immediately_false_loads_on_first_use_once(
     spec = EngineSpec(load_immediately=False, loading_parameters={"n_ctx": 128})
     engine = await LlamaCppBackend().create("lazy", str(models["llm"]), "llm", spec)
     try:
+        # Every optional capability the registry uses is declared (kernel.types).
+        for capability in (LazyEngine, DescribedEngine, GeneratingEngine, ChatEngine,
+                           CountingEngine, CountingEmbedder):  # fmt: skip
+            assert isinstance(engine, capability), capability
         assert engine.state == "unloaded" and engine.load_seconds is None
         texts = await asyncio.gather(*(engine.complete("hello", 4) for _ in range(3)))
         assert all(isinstance(t, str) for t in texts)

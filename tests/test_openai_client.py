@@ -28,7 +28,7 @@ from tests.helpers.server import ServerProcess
 openai = pytest.importorskip("openai")
 pytest.importorskip("llama_cpp")
 
-LONG_CONTEXT = 4096  # the "long" model: a generation of thousands of tokens, to disconnect from
+LONG_CONTEXT = 8192  # the "long" model: a generation of thousands of tokens, to disconnect from
 
 
 class Served:
@@ -74,7 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         out.add("tiny-logits", files["tiny"], logits_all=True)
         out.add("plain", files["plain"])
         out.add("embed", files["embed"])
-        out.add("long", files["long"])
+        out.add("long", files["long"], n_ctx=LONG_CONTEXT)
         yield out
 
 
@@ -454,7 +454,7 @@ def test_a_client_that_disconnects_stops_its_generation_at_the_next_token(
     served: Served,
 ) -> None:
     before = served.requests("long")
-    body = b'{"model": "long", "prompt": "the", "max_tokens": 4000, "stream": true}'
+    body = b'{"model": "long", "prompt": "the", "max_tokens": 8000, "stream": true}'
     sock = _open_stream(served.url, body)
     received = b""
     while received.count(b"data: ") < 3:  # the generation is running
@@ -472,7 +472,7 @@ def test_a_client_that_disconnects_stops_its_generation_at_the_next_token(
 def test_a_queued_request_whose_client_left_is_dropped_unrun(served: Served) -> None:
     before = served.requests("long")
     holder = _open_stream(
-        served.url, b'{"model": "long", "prompt": "the", "max_tokens": 4000, "stream": true}'
+        served.url, b'{"model": "long", "prompt": "the", "max_tokens": 8000, "stream": true}'
     )
     try:
         _wait_for(lambda: served.requests("long")["running"], "the long request to run")
@@ -489,9 +489,9 @@ def test_a_queued_request_whose_client_left_is_dropped_unrun(served: Served) -> 
 def test_removing_a_model_stops_its_running_generation_with_an_error_event(
     served: Served,
 ) -> None:
-    served.add("doomed", served.files["long"])
+    served.add("doomed", served.files["long"], n_ctx=LONG_CONTEXT)
     sock = _open_stream(
-        served.url, b'{"model": "doomed", "prompt": "the", "max_tokens": 4000, "stream": true}'
+        served.url, b'{"model": "doomed", "prompt": "the", "max_tokens": 8000, "stream": true}'
     )
     received = b""
     while received.count(b"data: ") < 3:

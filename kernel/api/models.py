@@ -26,7 +26,7 @@ from kernel.core import Kernel
 from kernel.downloads import validate_model_id
 from kernel.engines import AUTO_TYPE, DEFAULT_BACKEND, EngineEntry
 from kernel.errors import DownloadExists, EngineError
-from kernel.types import TERMINAL, DownloadRecord, EngineCreated, EngineSpec
+from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineCreated, EngineSpec
 from kernel.validation import redact_url
 
 __all__ = ["ModelsController"]
@@ -433,10 +433,10 @@ class ModelsController(Controller):
         backends = [
             BackendView(
                 name=b.name,
-                aliases=list(getattr(b, "aliases", ())),
-                description=getattr(b, "description", None),
-                version=getattr(b, "version", None),
-                available=bool(getattr(b, "available", True)),
+                aliases=list(b.aliases),
+                description=b.description if isinstance(b, DescribedBackend) else None,
+                version=b.version if isinstance(b, DescribedBackend) else None,
+                available=b.available if isinstance(b, DescribedBackend) else True,
                 is_default=b.name == default,
             )
             for b in kernel.engines.backend_list

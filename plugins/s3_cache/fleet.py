@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +116,7 @@ class Fleet:
         if upload_id and obj:
             with contextlib.suppress(S3Error):
                 await self.s3.abort_multipart(obj, upload_id)
-        await self.leases._execute(
-            "UPDATE mk_leases SET state = 'aborted', holder = NULL, lease_until = now(),"
-            " done = 0, info = info - 'upload_id', updated_at = now() WHERE file_key = %s"
-            " AND state <> 'complete'",
-            (key,),
-        )
+        await self.leases.reset(key, state="aborted")
         log.info("fleet.fetch_aborted", file_key=key)
 
     async def done_with(self, ref: str, model_id: str) -> None:
@@ -186,7 +181,7 @@ class _Tee:
         self.buffer += data
         size = self.fleet.part_size
         while len(self.buffer) >= size:
-            await self._upload(bytes(self.buffer[:size]))
+            await self._upload(bytes(memoryview(self.buffer)[:size]))  # one copy, not two
             del self.buffer[:size]
 
     async def _upload(self, data: bytes) -> None:
@@ -308,11 +303,8 @@ class FleetSource:
                 raise
             # The lease says complete but the object is gone (deleted by hand, a lifecycle
             # rule): fetch it again.
-            await self.fleet.leases._execute(
-                "UPDATE mk_leases SET state = 'fetching', holder = NULL, lease_until = now(),"
-                " done = 0, info = info - 'upload_id', updated_at = now() WHERE file_key = %s",
-                (self._key,),
-            )
+            assert self._key is not None
+            await self.fleet.leases.reset(self._key)
             return None
         log.info("fleet.from_bucket", object=self._obj, offset=offset)
 
@@ -375,9 +367,27 @@ class FleetSource:
         except BaseException:
             await lease.release()
             raise
-        stream = self._tee_stream(lease, tee, origin, prefix, resume_at, offset)
+        ended = False
+
+        async def stop_holding(completed: bool) -> None:
+            """Stop holding, once: from the stream's end, or from the body's close when the
+            stream was never read (a pause right after the open)."""
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            await tee.settle(0.0 if completed or not lease.valid else 5.0)
+            await origin.aclose()
+            if completed:
+                await lease.stop_heartbeat()
+            else:
+                await lease.release()
+
+        stream = self._tee_stream(lease, tee, origin, prefix, resume_at, offset, stop_holding)
         if offset >= resume_at:
-            return _ChunkBody(offset, probe.size, probe.validator, stream)
+            return _ChunkBody(
+                offset, probe.size, probe.validator, stream, lambda: stop_holding(False)
+            )
         # This node's own file is behind the first missing part: fill the bucket from the
         # origin first (nothing of it is ours yet), then read our file from the bucket.
         try:
@@ -385,6 +395,7 @@ class FleetSource:
                 pass
         finally:
             await stream.aclose()
+            await stop_holding(False)
         return None
 
     async def _tee_stream(
@@ -395,6 +406,7 @@ class FleetSource:
         prefix: list[Part],
         pos: int,
         offset: int,
+        stop_holding: Callable[[bool], Awaitable[None]],
     ) -> AsyncGenerator[bytes, None]:
         assert self._probe is not None
         obj, s3 = tee.obj, self.fleet.s3
@@ -436,12 +448,7 @@ class FleetSource:
         except (StoreError, S3Error) as exc:
             raise TransientError(f"The fleet's cache failed: {exc}") from exc
         finally:
-            await tee.settle(0.0 if completed or not lease.valid else 5.0)
-            await origin.aclose()
-            if not completed:
-                await lease.release()
-            else:
-                await lease.stop_heartbeat()
+            await stop_holding(completed)
 
     async def _report(self, lease: Lease, pos: int) -> None:
         try:
