@@ -181,7 +181,7 @@ class _Tee:
         self.buffer += data
         size = self.fleet.part_size
         while len(self.buffer) >= size:
-            await self._upload(bytes(self.buffer[:size]))
+            await self._upload(bytes(memoryview(self.buffer)[:size]))  # one copy, not two
             del self.buffer[:size]
 
     async def _upload(self, data: bytes) -> None:
