@@ -252,3 +252,30 @@ async def test_the_same_bytes_under_two_hub_references_are_fetched_once(
             await b.stop()
     assert origin.body_bytes[Hub.blob_name(data)] == len(data)  # the CDN sent it once
     assert await s3_bucket.get_bytes(f"modelkernel/sha256/{digest}") == data
+
+
+async def test_an_unreachable_bucket_is_bypassed_not_fatal(
+    tmp_path: Path, pg_dsn: str, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    data = os.urandom(3 * MiB)
+    url = origin.add_file("fleet-nobucket.bin", data)
+    settings = make_settings(tmp_path)
+    settings.store = StoreSettings(kind="postgres", dsn=pg_dsn)
+    settings.fleet = FleetSettings(node_id="n", heartbeat_s=0.5, poll_s=0.2)
+    settings.cache = CacheSettings(
+        s3=S3CacheSettings(endpoint="http://127.0.0.1:9", bucket="gone", part_size=5 * MiB)
+    )
+    kernel = Kernel(settings, load_entrypoints=False)
+    await kernel.start()
+    try:
+        await kernel.downloads.create(model_id="m", url=url)
+        await until(lambda: kernel.downloads.get("m").status in ("completed", "failed"))
+        rec = kernel.downloads.get("m")
+        assert rec.status == "completed", rec.error_message
+    finally:
+        await kernel.stop()
+    assert Path(rec.local_path).read_bytes() == data
+    assert origin.body_bytes["fleet-nobucket.bin"] == len(data)
+    assert (lease(pg_dsn) or ("?",))[0] is None  # nobody holds the file's lease
