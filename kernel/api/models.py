@@ -27,6 +27,7 @@ from kernel.downloads import validate_model_id
 from kernel.engines import AUTO_TYPE, DEFAULT_BACKEND, EngineEntry
 from kernel.errors import DownloadExists, EngineError
 from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineCreated, EngineSpec
+from kernel.validation import redact_url
 
 __all__ = ["ModelsController"]
 
@@ -231,7 +232,7 @@ def _download_view(rec: DownloadRecord) -> ModelView:
         load_immediately=spec.load_immediately,
         loading_parameters=spec.loading_parameters,
         message=f"The model's startup download is {rec.status}; see /v1/downloads/{rec.model_id}",
-        download_url=rec.url,
+        download_url=redact_url(rec.url),
     )
 
 
@@ -246,7 +247,7 @@ async def _start_download(kernel: Kernel, body: AddModelRequest, spec: EngineSpe
                 status=existing.status,
                 message=f"Model download already in progress. Use /downloads/{body.model_id} to "
                 "check status.",
-                download_url=url,
+                download_url=redact_url(url),
                 local_path=existing.local_path,
             ),
             status_code=202,
@@ -265,7 +266,7 @@ async def _start_download(kernel: Kernel, body: AddModelRequest, spec: EngineSpe
             model_type=rec.model_type,
             status="downloading",
             message="Download started in background",
-            download_url=url,
+            download_url=redact_url(url),
             local_path=rec.local_path,
         ),
         status_code=202,
