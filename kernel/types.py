@@ -75,7 +75,7 @@ class EngineSpec(msgspec.Struct, kw_only=True):
 
     load_immediately: bool = True
     main_gpu_id: int = 0
-    inference_engine: str = "llama-cpp"
+    inference_engine: str = ""  # a backend name or alias; "": the default backend
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
