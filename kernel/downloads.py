@@ -258,7 +258,7 @@ class DownloadManager:
         finally:
             await source.aclose()  # the transfer task resolves its own
         if engine is not None:
-            self.engines.validate(engine)
+            engine = self.engines.validate(engine)  # names the default engine when none is
         async with self._locks[model_id]:
             existing = self.records.get(model_id)
             if existing is not None and existing.status not in TERMINAL:
@@ -545,6 +545,7 @@ class DownloadManager:
                     "shared_bucket": self.bucket,
                     "on_bytes": self._on_bytes,
                     "on_retry": self._on_retry,
+                    "verifier": self.engines.verifier(rec.engine),
                 }
                 if rec.files is not None:
                     await FileSetTransfer(

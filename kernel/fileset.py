@@ -1,18 +1,18 @@
-"""A download of several files under one model id: the shards of a split GGUF, or the files of
-a repository picked by ``include`` patterns.
+"""A download of several files under one model id: the shards of a split model, or the files
+of a repository picked by ``include`` patterns.
 
 Each file is fetched by the ordinary single-file :class:`~kernel.transfer.Transfer`, on a
 record of its own built from the set's :class:`~kernel.types.FileRecord` and copied back into
 it on every progress report, so probing, resuming from the ``.part``, If-Range, segments,
-retries and verification (sha256, GGUF magic) are exactly those of a single download. This
-module only decides which files run, how many at once (the ``connections`` budget is shared:
-``min(connections, files left)`` files at a time, each with its share of the connections), and
-keeps the set's counters: ``total_bytes`` and ``downloaded_bytes`` are the sums.
+retries and verification (sha256, the engine backend's check) are exactly those of a single
+download. This module only decides which files run, how many at once (the ``connections``
+budget is shared: ``min(connections, files left)`` files at a time, each with its share of the
+connections), and keeps the set's counters: ``total_bytes`` and ``downloaded_bytes`` are the sums.
 
 The first failure that a file's own retries cannot fix stops the other files and fails the
 set; cancellation (pause, cancel, shutdown) stops them all, each keeping its ``.part``. A file
-already in place at its size is not fetched again. When every file is in place, a split GGUF
-is checked as a whole (:func:`kernel._gguf_split.check_split`).
+already in place at its size is not fetched again. When every file is in place, the engine
+backend that will load them checks the set as a whole (``VerifyingBackend.verify_set``).
 """
 
 from __future__ import annotations
@@ -26,20 +26,14 @@ import msgspec
 import structlog
 
 from kernel._files import size_of
-from kernel._gguf_split import check_split, shard_name
 from kernel.config import DownloadSettings
 from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
-from kernel.types import DownloadRecord, FileRecord, Source
+from kernel.types import DownloadRecord, FileRecord, Source, VerifyingBackend
 
-__all__ = ["FileSetTransfer", "is_split_set"]
+__all__ = ["FileSetTransfer"]
 
 log = structlog.get_logger()
-
-
-def is_split_set(files: list[FileRecord]) -> bool:
-    """The set is the shards of one split GGUF model (and nothing else)."""
-    return len(files) > 1 and all(shard_name(f.path) is not None for f in files)
 
 
 class FileSetTransfer:
@@ -56,8 +50,10 @@ class FileSetTransfer:
         shared_bucket: TokenBucket | None = None,
         on_bytes: Callable[[int], None] = lambda _n: None,
         on_retry: Callable[[str], None] = lambda _reason: None,
+        verifier: VerifyingBackend | None = None,
     ) -> None:
         assert record.files is not None
+        self.verifier = verifier  # checks each file, then the set (a split model's shards)
         self.rec = record
         self.files: list[FileRecord] = record.files
         self.resolve_source = resolve_source
@@ -77,8 +73,8 @@ class FileSetTransfer:
         if left:
             await self._fetch(left)
         self.on_finalizing()
-        if is_split_set(self.files):
-            await asyncio.to_thread(check_split, [f.local_path for f in self.files])
+        if self.verifier is not None:
+            await asyncio.to_thread(self.verifier.verify_set, [f.local_path for f in self.files])
         self.rec.sha256 = None if len(self.files) > 1 else self.files[0].sha256
         self._sum()
 
@@ -143,6 +139,7 @@ class FileSetTransfer:
             shared_bucket=self.shared_bucket,
             on_bytes=self.on_bytes,
             on_retry=self.on_retry,
+            verifier=self.verifier,
         )
         log.info("download.file_started", path=f.path, offset=f.downloaded_bytes)
         try:

@@ -4,10 +4,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging"]
+from kernel.validation import redact_text
+
+__all__ = ["configure_logging", "redact_secrets"]
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A processor: credentials in URLs (``user:pw@``) in any value, nested ones and
+    rendered tracebacks included, become ``***@``."""
+    return {key: _redact(value) for key, value in event.items()}
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redact(v) for v in value]
+    return value
 
 
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
@@ -15,9 +37,9 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
     renderer: list[structlog.typing.Processor] = (
-        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        [structlog.processors.dict_tracebacks, redact_secrets, structlog.processors.JSONRenderer()]
         if json
-        else [structlog.dev.ConsoleRenderer()]
+        else [redact_secrets, structlog.dev.ConsoleRenderer()]
     )
     structlog.configure(
         processors=[

@@ -52,7 +52,7 @@ from kernel.segments import (
     run_segments,
 )
 from kernel.throttle import TokenBucket
-from kernel.types import DownloadRecord, Probe, RangedSource, Source
+from kernel.types import DownloadRecord, Probe, RangedSource, Source, VerifyingBackend
 
 __all__ = ["Transfer", "now_ms"]
 
@@ -69,8 +69,6 @@ PROBE_S = 0.3  # the one connection is measured over this long, from its first b
 SPLIT_BELOW_BPS = 128 << 20  # one connection faster than this is a fast link: never split
 SPLIT_DRAINED = 0.25  # split when at least this share of blocks left the socket empty...
 SPLIT_BUSY = 0.35  # ...(bodies that cannot tell: its thread ran or was runnable below this)
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (1, 2, 3)
 # The disk layer: a seam for fault-injection tests (a full disk).
 _disk_usage = shutil.disk_usage
 
@@ -107,8 +105,10 @@ class Transfer:
         on_bytes: Callable[[int], None] = lambda _n: None,
         on_retry: Callable[[str], None] = lambda _reason: None,
         on_block: Callable[[int, memoryview], None] | None = None,
+        verifier: VerifyingBackend | None = None,
     ) -> None:
         self.rec = record
+        self.verifier = verifier  # checks the complete file before it is renamed into place
         self.source = source
         self.settings = settings
         self.on_progress = on_progress
@@ -580,32 +580,24 @@ class Transfer:
                     "the partial file was removed."
                 )
             rec.sha256 = digest
-        if rec.local_path.lower().endswith(".gguf"):
-            await self._check_gguf()
+        if self.verifier is not None:
+            await self._verify(self.verifier)
         await asyncio.to_thread(rename_durably, rec.part_path, rec.local_path)
         rec.file_validator = rec.validator
         rec.total_bytes = rec.total_bytes or size
         return True
 
-    async def _check_gguf(self) -> None:
-        path = self.rec.part_path
-
-        def header() -> bytes:
-            with open(path, "rb") as f:
-                return f.read(8)
-
-        head = await asyncio.to_thread(header)
-        problem = None
-        if head[:4] != GGUF_MAGIC:
-            problem = "bad magic number"
-        elif int.from_bytes(head[4:8], "little") not in GGUF_VERSIONS:
-            problem = f"unsupported GGUF version {int.from_bytes(head[4:8], 'little')}"
-        if problem is not None:
-            await asyncio.to_thread(remove, path)
-            self.rec.downloaded_bytes = 0
-            raise PermanentError(
-                f"The downloaded file is not a valid GGUF model ({problem}); it was removed."
+    async def _verify(self, verifier: VerifyingBackend) -> None:
+        """The engine backend that will load the file checks it; a rejected file is removed."""
+        rec = self.rec
+        try:
+            await asyncio.to_thread(
+                verifier.verify_file, rec.part_path, os.path.basename(rec.local_path)
             )
+        except PermanentError as exc:
+            await asyncio.to_thread(remove, rec.part_path)
+            rec.downloaded_bytes = 0
+            raise PermanentError(f"{exc.message} The file was removed.") from exc
 
 
 def _out_of_descriptors(exc: BaseException | None) -> bool:

@@ -48,6 +48,7 @@ __all__ = [
     "Sampling",
     "Source",
     "Status",
+    "VerifyingBackend",
 ]
 
 Status: TypeAlias = Literal[
@@ -74,7 +75,7 @@ class EngineSpec(msgspec.Struct, kw_only=True):
 
     load_immediately: bool = True
     main_gpu_id: int = 0
-    inference_engine: str = "llama-cpp"
+    inference_engine: str = ""  # a backend name or alias; "": the default backend
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
@@ -379,6 +380,25 @@ class CheckingBackend(Protocol):
 
     def check(self, spec: EngineSpec, *, prefix: str = "") -> None:
         """Raise InvalidRequest(param=prefix + "loading_parameters...") for a bad spec."""
+        ...
+
+
+@runtime_checkable
+class VerifyingBackend(Protocol):
+    """A backend that checks downloaded files are ones it can load, before the kernel keeps
+    them. The kernel asks the backend the download will be loaded with: its
+    ``engine_creation.inference_engine``, else the default backend. Both methods are
+    blocking (the kernel calls them in a worker thread) and raise PermanentError with a
+    sentence saying what is wrong."""
+
+    def verify_file(self, path: str, name: str) -> None:
+        """Check one complete file: its bytes are at ``path`` (the ``.part``), ``name`` is the
+        file name it will have. A rejected file is removed and the download fails."""
+        ...
+
+    def verify_set(self, paths: list[str]) -> None:
+        """Check the files of a multi-file download together (in order), once all are in
+        place: a split model's shards belong to one model, none is missing."""
         ...
 
 

@@ -17,6 +17,8 @@ __all__ = [
     "MAX_URL_LENGTH",
     "MODEL_ID",
     "http_url_problem",
+    "redact_text",
+    "redact_url",
     "validate_filename",
     "validate_model_id",
     "validate_url",
@@ -36,6 +38,21 @@ def validate_model_id(model_id: str, *, param: str = "model_id", code: str | Non
 
 
 MAX_URL_LENGTH = 8192
+
+
+# scheme://userinfo@ : what the API, events and logs never show (up to the last "@" before the
+# path, as a URL parser reads it).
+_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials (``user:password@``) replaced by ``***@``."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+def redact_text(text: str) -> str:
+    """Every URL's credentials in ``text`` (an error message, a log value) replaced."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
 
 
 # A file name is at most 255 bytes on common file systems, and the partial file adds ".part".

@@ -27,7 +27,7 @@ from kernel.api.app import create_app
 from kernel.api.deps import KernelDep
 from kernel.config import PluginSettings, Settings
 from kernel.core import Kernel
-from kernel.errors import InvalidRequest
+from kernel.errors import InvalidRequest, PermanentError
 from kernel.plugins import BUILTINS, Plugins, make_plugin_manager
 from kernel.types import (
     TERMINAL,
@@ -473,6 +473,61 @@ def test_the_builtin_sources_declare_their_capabilities(settings: Settings) -> N
     assert isinstance(hub, FileSetSource)
     assert isinstance(hub, NamedSource)
     assert hub.filename == "tiny.gguf"
+
+
+class PickyBackend:
+    """Loads nothing, but says which downloaded files it could load (VerifyingBackend)."""
+
+    name = "picky"
+    aliases: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def verify_file(self, path: str, name: str) -> None:
+        self.asked.append(name)
+        if Path(path).read_bytes().startswith(b"BAD"):
+            raise PermanentError(f"{name} is not a picky model.")
+
+    def verify_set(self, paths: list[str]) -> None:
+        pass
+
+    async def create(self, model_id: str, path: str, model_type: str, spec: Any) -> Any:
+        raise NotImplementedError
+
+
+class PickyPlugin:
+    def __init__(self) -> None:
+        self.backend = PickyBackend()
+
+    @hookimpl
+    def register_engine_backends(self, settings: Settings) -> list[Any]:
+        return [self.backend]
+
+
+async def test_the_default_engine_backend_verifies_downloaded_files(
+    settings: Settings, start_kernel: StartKernel
+) -> None:
+    """No kernel format check: the backend that would load the file (here the only one, so
+    the default) decides, and a file it rejects is removed."""
+    picky = PickyPlugin()
+    files = {"good.bin": b"GOOD" + blob(5000), "bad.gguf": b"BAD" + blob(5000)}
+    without_llama = msgspec.structs.replace(
+        settings, plugins=PluginSettings(disable=["engine_llamacpp"])
+    )
+    kernel = await start_kernel(
+        without_llama, load_entrypoints=False, extra_plugins=[MemSourcePlugin(files), picky]
+    )
+    assert kernel.engines.default_backend == "picky"
+    await kernel.downloads.create(model_id="good", url="mem://good.bin")
+    await kernel.downloads.create(model_id="bad", url="mem://bad.gguf")
+    good = await wait_status(kernel, "good", "completed")
+    bad = await wait_status(kernel, "bad", "failed")
+    assert Path(good.local_path).read_bytes() == files["good.bin"]
+    assert bad.error_message == "bad.gguf is not a picky model. The file was removed."
+    assert not Path(bad.local_path).exists()
+    assert not Path(bad.part_path).exists()
+    assert sorted(picky.backend.asked) == ["bad.gguf", "good.bin"]
 
 
 # --- register_routes ---------------------------------------------------------------------------

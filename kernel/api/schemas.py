@@ -16,6 +16,7 @@ from msgspec import UNSET, UnsetType
 from kernel.config import DownloadSettings, Rate
 from kernel.transfer import now_ms
 from kernel.types import DownloadRecord, EngineSpec, FileRecord
+from kernel.validation import redact_text, redact_url
 
 __all__ = [
     "ActionResult",
@@ -181,7 +182,7 @@ class DownloadFile(_Wire):
     def from_record(cls, f: FileRecord) -> DownloadFile:
         return cls(
             path=f.path,
-            url=f.url,
+            url=redact_url(f.url),
             local_path=f.local_path,
             status=f.status,
             downloaded_bytes=f.downloaded_bytes,
@@ -229,7 +230,7 @@ class Download(_Wire):
             status=rec.status,
             download_type=rec.download_type,
             type=rec.model_type,
-            url=rec.url,
+            url=redact_url(rec.url),
             local_path=rec.local_path,
             progress=Progress(
                 downloaded_bytes=rec.downloaded_bytes,
@@ -245,12 +246,12 @@ class Download(_Wire):
                 if rec.status in ("completed", "failed", "cancelled") and rec.end_time is not None
                 else UNSET,
             ),
-            error_message=rec.error_message if rec.error_message else UNSET,
+            error_message=redact_text(rec.error_message) if rec.error_message else UNSET,
             engine_creation=EngineCreation.from_record(rec, detail=detail, chat=chat),
             priority=rec.priority,
             queue_position=queue_position if queue_position is not None else UNSET,
             attempts=rec.attempts if retrying else UNSET,
-            last_error=rec.last_error if retrying and rec.last_error else UNSET,
+            last_error=redact_text(rec.last_error) if retrying and rec.last_error else UNSET,
             sha256=rec.sha256 if rec.sha256 else UNSET,
             max_bytes_per_second=rec.max_bytes_per_second or UNSET,
             files=[DownloadFile.from_record(f) for f in rec.files]
@@ -343,14 +344,14 @@ class Health(_Wire):
 class EngineCreationRequest(_Request):
     load_immediately: bool = True
     main_gpu_id: int = 0
-    inference_engine: str = "llama-cpp"
+    inference_engine: str | None = None  # None: the default engine
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def to_spec(self) -> EngineSpec:
         return EngineSpec(
             load_immediately=self.load_immediately,
             main_gpu_id=self.main_gpu_id,
-            inference_engine=self.inference_engine,
+            inference_engine=self.inference_engine or "",
             loading_parameters=self.loading_parameters,
         )
 

@@ -37,6 +37,7 @@ from kernel.errors import EngineError, InvalidRequest
 from kernel.types import EngineSpec, Piece, Sampling
 from plugins.engine_llamacpp._gguf import GgufInfo, find_model_file, infer_model_type, read_gguf
 from plugins.engine_llamacpp._params import check_parameters, llama_kwargs
+from plugins.engine_llamacpp._split import check_gguf_header, check_split, shard_name
 
 __all__ = ["LlamaCppBackend", "LlamaCppEngine"]
 
@@ -76,6 +77,17 @@ class LlamaCppBackend:
     def check(self, spec: EngineSpec, *, prefix: str = "") -> None:
         """Reject bad ``loading_parameters`` when the request is made (InvalidRequest)."""
         check_parameters(spec.loading_parameters, prefix=prefix)
+
+    def verify_file(self, path: str, name: str) -> None:
+        """A downloaded ``.gguf`` must start like one (magic, known version); other files
+        (a README, a tokenizer) pass. Blocking."""
+        if name.lower().endswith(".gguf"):
+            check_gguf_header(path)
+
+    def verify_set(self, paths: list[str]) -> None:
+        """The shards of a split GGUF must be exactly one model's, in order. Blocking."""
+        if len(paths) > 1 and all(shard_name(p) is not None for p in paths):
+            check_split(paths)
 
     async def create(
         self, model_id: str, path: str, model_type: str, spec: EngineSpec

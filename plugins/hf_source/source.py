@@ -32,7 +32,6 @@ import httpx
 import msgspec
 import structlog
 
-from kernel._gguf_split import shard_name
 from kernel.errors import (
     InvalidRequest,
     PermanentError,
@@ -45,6 +44,7 @@ from kernel.tls import tls_context, tls_failure
 from kernel.types import Body, Probe
 from plugins.hf_source._errors import check_hub_response
 from plugins.hf_source._ref import HubRef, has_glob, read_token_file
+from plugins.hf_source._shards import shard_name
 from plugins.http_source.source import HttpSource
 
 __all__ = ["HubBody", "HubFile", "HubSource"]

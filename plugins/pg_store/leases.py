@@ -234,6 +234,17 @@ class LeaseManager:
         log.info("lease.claimed", file_key=key, token=lease.token, done=lease.done)
         return lease
 
+    async def reset(self, key: str, *, state: str = "fetching") -> None:
+        """Forget the fetch of ``key`` (no holder, no upload, 0 bytes) unless it is complete:
+        ``aborted`` when the last node that wanted it cancelled, ``fetching`` when a complete
+        file's object went missing and must be fetched again (then even a complete one)."""
+        await self._execute(
+            "UPDATE mk_leases SET state = %s, holder = NULL, lease_until = now(), done = 0,"
+            " info = info - 'upload_id', updated_at = now()"
+            " WHERE file_key = %s AND (state <> 'complete' OR %s = 'fetching')",
+            (state, key, state),
+        )
+
     # --- who wants a file --------------------------------------------------------------------
 
     async def want(self, key: str, model_id: str) -> None:

@@ -12,6 +12,7 @@ throttling, 5xx and network faults, which a caller may retry.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import hmac
@@ -152,16 +153,13 @@ class S3Client:
         query: Mapping[str, str] | None = None,
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
+        body_sha256: str | None = None,
     ) -> httpx.Request:
         query = dict(query or {})
         path = self._path(key)
-        signed = self._signed_headers(
-            method,
-            path,
-            query,
-            hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256,
-            headers or {},
-        )
+        if body_sha256 is None:
+            body_sha256 = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        signed = self._signed_headers(method, path, query, body_sha256, headers or {})
         url = self.endpoint[: len(self.endpoint) - len(self._base_path)] + _uri_encode(
             path, keep_slash=True
         )
@@ -264,10 +262,11 @@ class S3Client:
         return upload_id
 
     async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        # Hashing a part (16 MiB by default) takes tens of milliseconds: not in the event loop.
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        query = {"partNumber": str(number), "uploadId": upload_id}
         response = await self._send(
-            self._request(
-                "PUT", key, query={"partNumber": str(number), "uploadId": upload_id}, body=data
-            )
+            self._request("PUT", key, query=query, body=data, body_sha256=digest)
         )
         return str(response.headers.get("etag", "")).strip('"')
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,11 @@ from plugins.s3_cache.client import Part, S3Client, S3Error, iterate
 __all__ = ["Fleet", "FleetSource"]
 
 log = structlog.get_logger()
-UPLOADS_IN_FLIGHT = 2  # parts uploaded at once by a holder (each holds part_size bytes)
+# Parts uploading while the holder reads on: it reads at most this many parts ahead of its
+# uploads, which bounds what a takeover must fetch again (and the memory: part_size each).
+UPLOADS_IN_FLIGHT = 1
 PROGRESS_S = 0.5  # how often a holder writes its progress to the lease (the waiters' view)
+BYPASS_AFTER = 2  # bucket failures in a row after which a node fetches from the origin itself
 
 
 class Fleet:
@@ -76,6 +79,7 @@ class Fleet:
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self.keys: dict[str, str] = {}  # source ref -> file key (for cancels)
+        self.cache_failures = 0  # bucket failures in a row (reset by a success)
         self.origin_bytes = 0  # bytes this node read from origins as a holder
         self.bucket_bytes = 0  # bytes this node read from the bucket
 
@@ -116,12 +120,7 @@ class Fleet:
         if upload_id and obj:
             with contextlib.suppress(S3Error):
                 await self.s3.abort_multipart(obj, upload_id)
-        await self.leases._execute(
-            "UPDATE mk_leases SET state = 'aborted', holder = NULL, lease_until = now(),"
-            " done = 0, info = info - 'upload_id', updated_at = now() WHERE file_key = %s"
-            " AND state <> 'complete'",
-            (key,),
-        )
+        await self.leases.reset(key, state="aborted")
         log.info("fleet.fetch_aborted", file_key=key)
 
     async def done_with(self, ref: str, model_id: str) -> None:
@@ -186,7 +185,7 @@ class _Tee:
         self.buffer += data
         size = self.fleet.part_size
         while len(self.buffer) >= size:
-            await self._upload(bytes(self.buffer[:size]))
+            await self._upload(bytes(memoryview(self.buffer)[:size]))  # one copy, not two
             del self.buffer[:size]
 
     async def _upload(self, data: bytes) -> None:
@@ -199,7 +198,9 @@ class _Tee:
             try:
                 etag = await self.fleet.s3.upload_part(self.obj, self.upload_id, number, data)
                 self.parts[number] = Part(number, etag, len(data))
+                self.fleet.cache_failures = 0
             except S3Error as exc:
+                self.fleet.cache_failures += exc.transient
                 self._error = TransientError(f"Uploading to the cache failed: {exc.message}")
             finally:
                 self._slots.release()
@@ -289,9 +290,17 @@ class FleetSource:
         except StoreError as exc:
             raise TransientError(f"The fleet's database is unreachable: {exc.message}") from exc
         except S3Error as exc:
-            if exc.transient:
+            if not exc.transient:
+                raise PermanentError(
+                    f"The fleet's cache refused a request: {exc.message}"
+                ) from exc
+            self.fleet.cache_failures += 1
+            if self.fleet.cache_failures < BYPASS_AFTER:
                 raise TransientError(f"The fleet's cache is unreachable: {exc.message}") from exc
-            raise PermanentError(f"The fleet's cache refused a request: {exc.message}") from exc
+        # The bucket keeps failing: the cache is an optimisation, not a dependency. Fetch from
+        # the origin directly, like a node without the cache (the lease is not held).
+        log.warning("fleet.cache_bypassed", failures=self.fleet.cache_failures, ref=self.ref)
+        return await self.inner.open(offset, validator)
 
     # --- reading the complete object -------------------------------------------------------
 
@@ -308,12 +317,10 @@ class FleetSource:
                 raise
             # The lease says complete but the object is gone (deleted by hand, a lifecycle
             # rule): fetch it again.
-            await self.fleet.leases._execute(
-                "UPDATE mk_leases SET state = 'fetching', holder = NULL, lease_until = now(),"
-                " done = 0, info = info - 'upload_id', updated_at = now() WHERE file_key = %s",
-                (self._key,),
-            )
+            assert self._key is not None
+            await self.fleet.leases.reset(self._key)
             return None
+        self.fleet.cache_failures = 0
         log.info("fleet.from_bucket", object=self._obj, offset=offset)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -375,9 +382,27 @@ class FleetSource:
         except BaseException:
             await lease.release()
             raise
-        stream = self._tee_stream(lease, tee, origin, prefix, resume_at, offset)
+        ended = False
+
+        async def stop_holding(completed: bool) -> None:
+            """Stop holding, once: from the stream's end, or from the body's close when the
+            stream was never read (a pause right after the open)."""
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            await tee.settle(0.0 if completed or not lease.valid else 5.0)
+            await origin.aclose()
+            if completed:
+                await lease.stop_heartbeat()
+            else:
+                await lease.release()
+
+        stream = self._tee_stream(lease, tee, origin, prefix, resume_at, offset, stop_holding)
         if offset >= resume_at:
-            return _ChunkBody(offset, probe.size, probe.validator, stream)
+            return _ChunkBody(
+                offset, probe.size, probe.validator, stream, lambda: stop_holding(False)
+            )
         # This node's own file is behind the first missing part: fill the bucket from the
         # origin first (nothing of it is ours yet), then read our file from the bucket.
         try:
@@ -385,6 +410,7 @@ class FleetSource:
                 pass
         finally:
             await stream.aclose()
+            await stop_holding(False)
         return None
 
     async def _tee_stream(
@@ -395,6 +421,7 @@ class FleetSource:
         prefix: list[Part],
         pos: int,
         offset: int,
+        stop_holding: Callable[[bool], Awaitable[None]],
     ) -> AsyncGenerator[bytes, None]:
         assert self._probe is not None
         obj, s3 = tee.obj, self.fleet.s3
@@ -436,12 +463,7 @@ class FleetSource:
         except (StoreError, S3Error) as exc:
             raise TransientError(f"The fleet's cache failed: {exc}") from exc
         finally:
-            await tee.settle(0.0 if completed or not lease.valid else 5.0)
-            await origin.aclose()
-            if not completed:
-                await lease.release()
-            else:
-                await lease.stop_heartbeat()
+            await stop_holding(completed)
 
     async def _report(self, lease: Lease, pos: int) -> None:
         try:

@@ -16,13 +16,15 @@ from typing import BinaryIO
 
 from kernel.errors import PermanentError
 
-__all__ = ["ShardName", "check_split", "read_split", "shard_name"]
+__all__ = ["ShardName", "check_gguf_header", "check_split", "read_split", "shard_name"]
 
 _SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 MAX_KV = 1 << 20  # more keys than any real header: a corrupt file, not a model
 # Sizes of the fixed-width GGUF value types, by type id; 8 = string, 9 = array.
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (1, 2, 3)
 
 
 class ShardName:
@@ -149,3 +151,17 @@ def check_split(paths: list[str]) -> None:
                 f"Shard {names[index]} says it is shard {no + 1} of {count} (split.no = {no}), "
                 f"not shard {index + 1}: the shards do not belong together."
             )
+
+
+def check_gguf_header(path: str) -> None:
+    """The file at ``path`` starts like a GGUF model (magic and a known version); raises
+    PermanentError saying why not. Blocking."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        problem = "bad magic number"
+    elif int.from_bytes(head[4:8], "little") not in GGUF_VERSIONS:
+        problem = f"unsupported GGUF version {int.from_bytes(head[4:8], 'little')}"
+    else:
+        return
+    raise PermanentError(f"The downloaded file is not a valid GGUF model ({problem}).")
