@@ -140,7 +140,7 @@ class ModelEntry(_Section):
     type: str = "llm"
     load_immediately: bool = True
     main_gpu_id: int = 0
-    inference_engine: str = "llama-cpp"
+    inference_engine: str | None = None  # None: the default engine
     load_params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 

@@ -176,7 +176,7 @@ class Kernel:
         spec = EngineSpec(
             load_immediately=entry.load_immediately,
             main_gpu_id=entry.main_gpu_id,
-            inference_engine=entry.inference_engine,
+            inference_engine=entry.inference_engine or "",
             loading_parameters=entry.load_params,
         )
         model_type: ModelType = "embedding" if entry.type == "embedding" else "llm"
@@ -184,7 +184,7 @@ class Kernel:
             if "://" in entry.path:
                 await self.downloads.ensure_startup(entry.id, entry.path, model_type, spec)
             else:
-                self.engines.validate(spec, prefix="models.")
+                spec = self.engines.validate(spec, prefix="models.")
                 await self.engines.create(entry.id, entry.path, model_type, spec)
         except KernelError as exc:
             log.error("config.model_failed", model_id=entry.id, error=exc.message)

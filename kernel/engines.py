@@ -43,11 +43,10 @@ from kernel.types import (
     VerifyingBackend,
 )
 
-__all__ = ["AUTO_TYPE", "DEFAULT_BACKEND", "Completion", "EngineEntry", "EngineRegistry"]
+__all__ = ["AUTO_TYPE", "Completion", "EngineEntry", "EngineRegistry"]
 
 log = structlog.get_logger()
 
-DEFAULT_BACKEND = "llama-cpp"  # the default inference engine when it is installed
 AUTO_TYPE = "auto"  # model_type that asks the backend to infer it from the model file
 
 
@@ -98,25 +97,33 @@ class EngineRegistry:
 
     @property
     def default_backend(self) -> str | None:
-        """``llama-cpp`` when installed, else the first backend's name, else None."""
-        if DEFAULT_BACKEND in self._backends:
-            return DEFAULT_BACKEND
+        """The first backend the ``register_engine_backends`` hook offers (plugins order
+        themselves with tryfirst/trylast), or None when no plugin offers one."""
         return self.backend_list[0].name if self.backend_list else None
 
     def backend(self, name: str, *, param: str = "inference_engine") -> EngineBackend:
+        """The backend ``name`` (or alias) selects; ``""`` selects the default backend."""
         try:
-            return self._backends[name]
+            return self._backends[name or self.default_backend or ""]
         except KeyError:
-            known = ", ".join(sorted(self._backends)) or "none (install modelkernel[llamacpp])"
+            if not name:
+                raise InvalidRequest(
+                    "No inference engine is installed: add an engine plugin.", param=param
+                ) from None
+            known = ", ".join(sorted(self._backends)) or "none"
             raise InvalidRequest(
                 f"Unknown inference engine {name!r}; available: {known}.", param=param
             ) from None
 
+    def loader(self, spec: EngineSpec | None) -> EngineBackend | None:
+        """The backend that will load a download's files: the one its ``engine_creation``
+        names, else the default backend (None when there is none)."""
+        name = spec.inference_engine if spec is not None else ""
+        return self._backends.get(name or self.default_backend or "")
+
     def verifier(self, spec: EngineSpec | None) -> VerifyingBackend | None:
-        """The backend that will load a download's file, when it checks files: the one its
-        ``engine_creation`` names, else the default backend."""
-        name = spec.inference_engine if spec is not None else self.default_backend
-        backend = self._backends.get(name) if name else None
+        """The loader, when it checks downloaded files."""
+        backend = self.loader(spec)
         return backend if isinstance(backend, VerifyingBackend) else None
 
     def check_gpu(self, gpu_id: int, *, param: str = "main_gpu_id") -> None:
@@ -141,11 +148,16 @@ class EngineRegistry:
             return 0
         return max(gpus, key=lambda g: (g.free_memory, -g.id)).id
 
-    def validate(self, spec: EngineSpec, *, prefix: str = "engine_creation.") -> None:
+    def validate(self, spec: EngineSpec, *, prefix: str = "engine_creation.") -> EngineSpec:
+        """Check ``spec`` (InvalidRequest naming the field); returns it with the engine named:
+        no ``inference_engine`` means the default backend, wherever the spec comes from."""
         backend = self.backend(spec.inference_engine, param=prefix + "inference_engine")
         self.check_gpu(spec.main_gpu_id, param=prefix + "main_gpu_id")
         if isinstance(backend, CheckingBackend):
             backend.check(spec, prefix=prefix)
+        if spec.inference_engine:
+            return spec
+        return msgspec.structs.replace(spec, inference_engine=backend.name)
 
     # --- engines ----------------------------------------------------------------------------
 
@@ -184,7 +196,7 @@ class EngineRegistry:
             model_id=model_id,
             path=path,
             model_type=engine.model_type,
-            inference_engine=spec.inference_engine,
+            inference_engine=spec.inference_engine or backend.name,
             backend=backend.name,
             main_gpu_id=spec.main_gpu_id,
             gpu_id=gpu_id,

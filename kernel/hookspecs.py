@@ -55,8 +55,9 @@ def open_store(settings: Settings) -> DownloadStore | None:
 def register_engine_backends(settings: Settings) -> list[EngineBackend]:  # type: ignore[empty-body]
     """Return the inference engine backends this plugin provides (may be empty).
 
-    Each backend has a ``name`` (and optional ``aliases``); the ``inference_engine`` of a request
-    picks one by name. All plugins contribute; a duplicate name is an error at start.
+    Each backend has a ``name`` and ``aliases``; the ``inference_engine`` of a request picks one
+    by name. All plugins contribute; a duplicate name is an error at start. The first backend
+    offered is the default engine (order with tryfirst/trylast).
     """
 
 

@@ -6,12 +6,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
 from kernel import hookimpl
 from kernel.api.app import create_app
-from kernel.config import AuthSettings, Settings
+from kernel.config import AuthSettings, PluginSettings, Settings
 from kernel.core import Kernel
 from kernel.types import EngineSpec
 from tests.conftest import make_settings
@@ -253,3 +254,31 @@ async def test_unknown_gpu_is_400_at_create_time(engine_client: Any, origin: Ori
     response = await engine_client.post("/v1/downloads", json={
         "model_id": "gpu", "url": url, "engine_creation": {"inference_engine": "echo", "main_gpu_id": 7}})
     assert_error(response, 400, "invalid_request_error", param="engine_creation.main_gpu_id")
+
+
+async def test_no_inference_engine_means_the_default_engine_for_downloads_and_models(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """POST /v1/downloads and POST /v1/models agree: the registry's default (here the only
+    backend: engine_llamacpp is disabled), recorded by name."""
+    settings = msgspec.structs.replace(
+        make_settings(tmp_path), plugins=PluginSettings(disable=["engine_llamacpp"])
+    )
+    kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[EchoPlugin()])
+    async with AsyncTestClient(app=create_app(kernel)) as client:
+        engines = (await client.get("/v1/engines")).json()
+        assert engines["default_engine"] == "echo"
+        url = origin.add_file("default.bin", b"m" * 100)
+        created = await client.post("/v1/downloads", json={
+            "model_id": "dl", "url": url, "engine_creation": {"main_gpu_id": 0}})
+        assert created.status_code == 202, created.text
+        await wait_status(client, "dl", "completed")
+        detail = (await client.get("/v1/downloads/dl")).json()
+        assert detail["engine_creation"]["inference_engine"] == "echo"
+        local = tmp_path / "local.bin"
+        local.write_bytes(b"m" * 10)
+        added = await client.post("/v1/models", json={"model_id": "local", "model_path": str(local)})
+        assert added.status_code in (200, 201), added.text
+        models = {m["model_id"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        assert models["local"]["inference_engine"] == "echo"
+        assert models["dl"]["inference_engine"] == "echo"

@@ -368,7 +368,7 @@ def test_a_kolosal_models_list_parses(tmp_path: Path) -> None:
     assert embed.type == "embedding"
     assert embed.load_immediately is False
     assert embed.main_gpu_id == 1
-    assert embed.inference_engine == "llama-cpp"  # default
+    assert embed.inference_engine is None  # the default engine, chosen when the kernel starts
     assert embed.load_params == {}
 
 

@@ -249,7 +249,10 @@ def test_the_holder_killed_at_40_percent_is_taken_over(
         " from the origin"
     )
     assert takeover <= LEASE_S + POLL_S + 2.0  # + scheduling slack on a loaded machine
-    assert sent_before_restart <= SIZE + PART
+    # The bound is size + one part: what the holder had read of the part it was filling
+    # is fetched again. The holder reads at most one part ahead of its uploads, so when it dies
+    # with a part still uploading, that one is fetched again too: size + 2 parts at worst.
+    assert sent_before_restart <= SIZE + 2 * PART
     assert sent_after == sent_before_restart  # the restarted node read only the bucket
     expected = hashlib.sha256(data).hexdigest()
     assert [digest(b["local_path"]) for b in bodies + restarted] == [expected] * 3
@@ -328,7 +331,8 @@ def test_a_holder_frozen_past_its_lease_is_fenced_and_the_object_intact(
         hashlib.sha256(read_object(seaweed, bucket, pg_dsn, url)).hexdigest() == expected
     )  # intact
     assert [digest(b["local_path"]) for b in bodies] == [expected] * 3
-    # frozen with parts cut but not yet uploaded (up to UPLOADS_IN_FLIGHT), plus the one open
+    # Frozen with one part uploading and the next filling (the holder reads at most one part
+    # ahead of its uploads), plus what the origin had queued in the socket: all fetched again.
     assert sent <= SIZE + 3 * PART
 
 

@@ -206,3 +206,76 @@ async def test_a_body_closed_before_it_is_read_gives_the_lease_back(
     finally:
         await source.aclose()
         await fleet.close()
+
+
+async def test_the_same_bytes_under_two_hub_references_are_fetched_once(
+    tmp_path: Path,
+    pg_dsn: str,
+    seaweed: Seaweed,
+    s3_bucket: S3Client,
+    origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub gives the sha256: the file key is the digest, whatever the reference."""
+    from kernel.config import HubSettings, SourcesSettings
+    from tests.helpers.hub import Hub, gguf_blob
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    data = gguf_blob(6 * MiB, 7)
+    digest = hashlib.sha256(data).hexdigest()
+    with Hub(cdn=origin) as hub:
+        hub.add_repo("owner/one", {"model.gguf": data})
+        hub.add_repo("other/two", {"copy.gguf": data})
+        kernels = []
+        for node_id in ("a", "b"):
+            kernel = node(tmp_path, pg_dsn, seaweed, s3_bucket.bucket, node_id)
+            kernel.settings.sources = SourcesSettings(huggingface=HubSettings(endpoint=hub.base_url))
+            kernels.append(kernel)
+        a, b = kernels
+        await a.start()
+        await b.start()
+        try:
+            await a.downloads.create(model_id="m", url="hf://owner/one/model.gguf")
+            await until(lambda: a.downloads.get("m").status in ("completed", "failed"))
+            await b.downloads.create(model_id="m", url="hf://other/two/copy.gguf")
+            await until(lambda: b.downloads.get("m").status in ("completed", "failed"))
+            for kernel in kernels:
+                rec = kernel.downloads.get("m")
+                assert rec.status == "completed", rec.error_message
+                assert rec.sha256 == digest
+        finally:
+            await a.stop()
+            await b.stop()
+    assert origin.body_bytes[Hub.blob_name(data)] == len(data)  # the CDN sent it once
+    assert await s3_bucket.get_bytes(f"modelkernel/sha256/{digest}") == data
+
+
+async def test_an_unreachable_bucket_is_bypassed_not_fatal(
+    tmp_path: Path, pg_dsn: str, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    data = os.urandom(3 * MiB)
+    url = origin.add_file("fleet-nobucket.bin", data)
+    settings = make_settings(tmp_path)
+    settings.store = StoreSettings(kind="postgres", dsn=pg_dsn)
+    settings.fleet = FleetSettings(node_id="n", heartbeat_s=0.5, poll_s=0.2)
+    settings.cache = CacheSettings(
+        s3=S3CacheSettings(endpoint="http://127.0.0.1:9", bucket="gone", part_size=5 * MiB)
+    )
+    kernel = Kernel(settings, load_entrypoints=False)
+    await kernel.start()
+    try:
+        await kernel.downloads.create(model_id="m", url=url)
+        await until(lambda: kernel.downloads.get("m").status in ("completed", "failed"))
+        rec = kernel.downloads.get("m")
+        assert rec.status == "completed", rec.error_message
+    finally:
+        await kernel.stop()
+    assert Path(rec.local_path).read_bytes() == data
+    assert origin.body_bytes["fleet-nobucket.bin"] == len(data)
+    assert (lease(pg_dsn) or ("?",))[0] is None  # nobody holds the file's lease

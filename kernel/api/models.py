@@ -24,7 +24,7 @@ from kernel.api.deps import KernelDep
 from kernel.api.errors import NOT_FOUND, ApiError, error_responses
 from kernel.core import Kernel
 from kernel.downloads import validate_model_id
-from kernel.engines import AUTO_TYPE, DEFAULT_BACKEND, EngineEntry
+from kernel.engines import AUTO_TYPE, EngineEntry
 from kernel.errors import DownloadExists, EngineError
 from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineCreated, EngineSpec
 from kernel.validation import redact_url
@@ -49,7 +49,7 @@ class AddModelRequest(_Request):
     model_id: str
     model_path: str
     model_type: Literal["llm", "embedding"] | None = None  # None: read it from the model file
-    inference_engine: str | None = None  # None: the default engine (llama-cpp)
+    inference_engine: str | None = None  # None: the default engine
     main_gpu_id: int = 0
     load_immediately: bool = True
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -351,12 +351,10 @@ class ModelsController(Controller):
         spec = EngineSpec(
             load_immediately=body.load_immediately,
             main_gpu_id=body.main_gpu_id,
-            inference_engine=body.inference_engine
-            or kernel.engines.default_backend
-            or DEFAULT_BACKEND,
+            inference_engine=body.inference_engine or "",
             loading_parameters=body.loading_parameters,
         )
-        kernel.engines.validate(spec, prefix="")
+        spec = kernel.engines.validate(spec, prefix="")
         if kernel.engines.get(body.model_id) is not None:
             raise ApiError(
                 409,

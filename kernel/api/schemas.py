@@ -344,14 +344,14 @@ class Health(_Wire):
 class EngineCreationRequest(_Request):
     load_immediately: bool = True
     main_gpu_id: int = 0
-    inference_engine: str = "llama-cpp"
+    inference_engine: str | None = None  # None: the default engine
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def to_spec(self) -> EngineSpec:
         return EngineSpec(
             load_immediately=self.load_immediately,
             main_gpu_id=self.main_gpu_id,
-            inference_engine=self.inference_engine,
+            inference_engine=self.inference_engine or "",
             loading_parameters=self.loading_parameters,
         )
 

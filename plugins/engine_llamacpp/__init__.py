@@ -19,7 +19,7 @@ from plugins.engine_llamacpp.backend import LlamaCppBackend, LlamaCppEngine
 __all__ = ["LlamaCppBackend", "LlamaCppEngine", "detect_gpus", "register_engine_backends"]
 
 
-@hookimpl
+@hookimpl(tryfirst=True)  # offered first: the default engine, unless another plugin says so
 def register_engine_backends(settings: Settings) -> list[EngineBackend]:
     return [LlamaCppBackend()]
 

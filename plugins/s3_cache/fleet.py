@@ -41,8 +41,11 @@ from plugins.s3_cache.client import Part, S3Client, S3Error, iterate
 __all__ = ["Fleet", "FleetSource"]
 
 log = structlog.get_logger()
-UPLOADS_IN_FLIGHT = 2  # parts uploaded at once by a holder (each holds part_size bytes)
+# Parts uploading while the holder reads on: it reads at most this many parts ahead of its
+# uploads, which bounds what a takeover must fetch again (and the memory: part_size each).
+UPLOADS_IN_FLIGHT = 1
 PROGRESS_S = 0.5  # how often a holder writes its progress to the lease (the waiters' view)
+BYPASS_AFTER = 2  # bucket failures in a row after which a node fetches from the origin itself
 
 
 class Fleet:
@@ -76,6 +79,7 @@ class Fleet:
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self.keys: dict[str, str] = {}  # source ref -> file key (for cancels)
+        self.cache_failures = 0  # bucket failures in a row (reset by a success)
         self.origin_bytes = 0  # bytes this node read from origins as a holder
         self.bucket_bytes = 0  # bytes this node read from the bucket
 
@@ -194,7 +198,9 @@ class _Tee:
             try:
                 etag = await self.fleet.s3.upload_part(self.obj, self.upload_id, number, data)
                 self.parts[number] = Part(number, etag, len(data))
+                self.fleet.cache_failures = 0
             except S3Error as exc:
+                self.fleet.cache_failures += exc.transient
                 self._error = TransientError(f"Uploading to the cache failed: {exc.message}")
             finally:
                 self._slots.release()
@@ -284,9 +290,17 @@ class FleetSource:
         except StoreError as exc:
             raise TransientError(f"The fleet's database is unreachable: {exc.message}") from exc
         except S3Error as exc:
-            if exc.transient:
+            if not exc.transient:
+                raise PermanentError(
+                    f"The fleet's cache refused a request: {exc.message}"
+                ) from exc
+            self.fleet.cache_failures += 1
+            if self.fleet.cache_failures < BYPASS_AFTER:
                 raise TransientError(f"The fleet's cache is unreachable: {exc.message}") from exc
-            raise PermanentError(f"The fleet's cache refused a request: {exc.message}") from exc
+        # The bucket keeps failing: the cache is an optimisation, not a dependency. Fetch from
+        # the origin directly, like a node without the cache (the lease is not held).
+        log.warning("fleet.cache_bypassed", failures=self.fleet.cache_failures, ref=self.ref)
+        return await self.inner.open(offset, validator)
 
     # --- reading the complete object -------------------------------------------------------
 
@@ -306,6 +320,7 @@ class FleetSource:
             assert self._key is not None
             await self.fleet.leases.reset(self._key)
             return None
+        self.fleet.cache_failures = 0
         log.info("fleet.from_bucket", object=self._obj, offset=offset)
 
         async def chunks() -> AsyncIterator[bytes]:
