@@ -8,7 +8,7 @@ Every failure is an ``ApiError``: an HTTP error carries the status and the API's
     from kernel.client import AsyncClient
 
     async with AsyncClient("http://127.0.0.1:8080", api_key="k") as mk:
-        await mk.create("tiny", "https://example.com/tiny.gguf")
+        await mk.create("tiny", "https://example.com/tiny.bin")
         async for event in mk.watch(model_id="tiny"):
             print(event.event, event.download.progress.percentage if event.download else "")
         done = await mk.wait("tiny")

@@ -45,10 +45,12 @@ from kernel.types import (
     DownloadRecord,
     DownloadStatus,
     DownloadStore,
+    EngineBackend,
     EngineCreated,
     EngineSpec,
     FileRecord,
     FileSetSource,
+    ModelFileBackend,
     ModelType,
     NamedSource,
     PickingSource,
@@ -236,7 +238,7 @@ class DownloadManager:
         remote: builtins.list[RemoteFile] | None = None
         try:
             if isinstance(source, FileSetSource):
-                # A split GGUF's shards, or a repository's files picked by include patterns.
+                # A split model's shards, or a repository's files picked by include patterns.
                 remote = await source.resolve_files(filename, include)
             elif include is not None:
                 raise InvalidRequest(
@@ -247,7 +249,7 @@ class DownloadManager:
             if remote is not None:
                 name = ""
             elif isinstance(source, PickingSource):
-                # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf":
+                # The source may pick the file itself (a repository ref plus "*Q4_K_M.*":
                 # it lists the repository); its ref then names that one file, kept in the record.
                 filename = await source.resolve_filename(filename)
                 url = source.ref
@@ -272,7 +274,7 @@ class DownloadManager:
                 local_path=(
                     str(self.models_dir / model_id / name)
                     if files is None
-                    else _primary(self.models_dir / model_id, files)
+                    else _primary(self.models_dir / model_id, files, self.engines.loader(engine))
                 ),
                 files=files,
                 total_bytes=sum(f.size for f in files) if files else 0,
@@ -696,13 +698,16 @@ def _file_records(directory: Path, remote: builtins.list[RemoteFile]) -> builtin
     return records
 
 
-def _primary(directory: Path, files: builtins.list[FileRecord]) -> str:
-    """What engines load: the first GGUF of the set (a split model's first shard), the one
-    file of a one-file set, else the model's directory."""
-    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
-    if ggufs:
-        return ggufs[0].local_path
-    return files[0].local_path if len(files) == 1 else str(directory)
+def _primary(
+    directory: Path, files: builtins.list[FileRecord], loader: EngineBackend | None
+) -> str:
+    """What engines load: the one file of a one-file set, else the file the backend that will
+    load the set picks (a split model's first shard), else the model's directory."""
+    if len(files) == 1:
+        return files[0].local_path
+    paths = [f.path for f in files]
+    chosen = loader.model_file(paths) if isinstance(loader, ModelFileBackend) else None
+    return next((f.local_path for f in files if f.path == chosen), str(directory))
 
 
 def _default_filename(source: Source, model_id: str) -> str:

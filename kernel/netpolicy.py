@@ -109,9 +109,7 @@ class _Rules:
                     self.names.add(entry)
 
     def match_name(self, host: str) -> bool:
-        return host in self.names or any(
-            host.endswith(s) or host == s[1:] for s in self.suffixes
-        )
+        return host in self.names or any(host.endswith(s) or host == s[1:] for s in self.suffixes)
 
     def match_address(self, address: Address) -> Network | None:
         for network in self.networks:

@@ -24,7 +24,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from kernel._files import disk_error, pwrite_all
 from kernel.errors import PermanentError
@@ -35,6 +35,11 @@ __all__ = ["BlockingBody", "Pump", "is_blocking", "run_in_thread"]
 FLUSH_S = 0.25  # the longest a block is held, and the most often the loop hears of progress
 
 T = TypeVar("T")
+
+
+@runtime_checkable
+class _Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 def is_blocking(body: object) -> bool:
@@ -68,9 +73,8 @@ def run_in_thread(
         try:
             loop.call_soon_threadsafe(settle, ok, value)
         except RuntimeError:  # the loop is closed: nobody waits any more
-            close = getattr(value, "close", None)
-            if ok and callable(close):
-                close()
+            if ok and isinstance(value, _Closeable):
+                value.close()
 
     threading.Thread(target=main, name=name, daemon=True).start()
     return future
@@ -116,6 +120,10 @@ class Pump:
         self._reserved = pos  # the end of the block being written now
         self.busy_s = 0.0  # CPU seconds the worker thread has used (read by the split policy)
         self.tid: int | None = None  # the worker thread's native id, once it runs
+        # After each block, was the socket drained (the origin is slower than this reader)?
+        # Counted when the body can tell (an optional ``queued() -> int``: bytes waiting).
+        self.blocks = 0
+        self.drained = 0
         self.published = pos
         self._pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,6 +171,7 @@ class Pump:
         cpu_start = time.thread_time()
         self.tid = threading.get_native_id()
         body, stop = self.body, self.stop
+        queued = getattr(body, "queued", None)  # optional: bytes waiting in the socket
         while not stop.is_set():
             with self._lock:
                 want = self.block_size()
@@ -190,6 +199,9 @@ class Pump:
             if keep < n:
                 return  # the rest belongs to the segment cut from this one
             self.busy_s = time.thread_time() - cpu_start
+            if queued is not None and (waiting := queued()) >= 0:
+                self.blocks += 1
+                self.drained += waiting < want
             now = time.monotonic()
             if now - last_publish >= FLUSH_S and not self._pending:
                 last_publish = now

@@ -96,9 +96,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def _make_room(self, open_now: list[Any]) -> None:
         idle = [
-            c
-            for c in open_now
-            if c is not self and isinstance(c, BoundedH11Protocol) and c.idle()
+            c for c in open_now if c is not self and isinstance(c, BoundedH11Protocol) and c.idle()
         ]
         victim = min(idle, key=lambda c: c.opened) if idle else self
         log.debug("server.connection_evicted", open=len(open_now), idle=len(idle))

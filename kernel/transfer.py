@@ -67,7 +67,8 @@ MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 # Adaptive segmenting (kernel/segments.py): one connection first; more only when it is slow.
 PROBE_S = 0.3  # the one connection is measured over this long, from its first byte
 SPLIT_BELOW_BPS = 128 << 20  # one connection faster than this is a fast link: never split
-SPLIT_BUSY = 0.35  # ...nor one whose thread is running or runnable this much of the time
+SPLIT_DRAINED = 0.25  # split when at least this share of blocks left the socket empty...
+SPLIT_BUSY = 0.35  # ...(bodies that cannot tell: its thread ran or was runnable below this)
 # The disk layer: a seam for fault-injection tests (a full disk).
 _disk_usage = shutil.disk_usage
 
@@ -333,35 +334,43 @@ class Transfer:
         return await self._finish(rec.total_bytes)
 
     async def _split_when_slow(self, spawn: Spawn) -> None:
-        """The splitting policy: measure the one connection for PROBE_S; when it is slow and
-        mostly waiting for the network (not CPU-bound here, where more threads would only
-        cost more), the origin limits each connection: cut its range into ``connections``."""
+        """The splitting policy: measure the one connection for PROBE_S. When it is slow and
+        the origin, not this machine, is what holds it back (the socket is found drained
+        after most blocks: the data comes slower than it is read), the origin limits each
+        connection: cut the range into ``connections``. A connection that keeps its socket
+        full is CPU-bound here, and more of them would only cost more."""
         target = self.settings.connections
         if target <= 1:
             return
-        rate, busy = await self._probe(PROBE_S)
-        log.info("download.split_probe", bps=int(rate), busy=round(busy, 2))
-        if rate < SPLIT_BELOW_BPS and busy < SPLIT_BUSY:
+        rate, busy, drained = await self._probe(PROBE_S)
+        waiting = busy < SPLIT_BUSY if drained is None else drained >= SPLIT_DRAINED
+        log.info(
+            "download.split_probe", bps=int(rate), busy=round(busy, 2),
+            drained=None if drained is None else round(drained, 2),
+        )  # fmt: skip
+        if rate < SPLIT_BELOW_BPS and waiting:
             self._split_to(target, spawn)
 
-    def _live(self) -> tuple[int, float]:
-        """(bytes on disk in this run, including blocks the loop has not been told of yet;
-        CPU seconds of the pumps' threads)."""
+    def _live(self) -> tuple[int, float, int, int]:
+        """Bytes on disk in this run (including blocks the loop has not been told of yet),
+        CPU seconds of the pumps' threads, blocks sampled, blocks that drained the socket."""
         pumps = list(self._pumps.values())
         moved = self.transferred + sum(p.pos - p.published for p in pumps)
-        return moved, sum(_busy_s(p) for p in pumps)
+        busy = sum(_busy_s(p) for p in pumps)
+        return moved, busy, sum(p.blocks for p in pumps), sum(p.drained for p in pumps)
 
-    async def _probe(self, seconds: float) -> tuple[float, float]:
-        """(bytes per second, busy fraction of the pump threads) over ``seconds``, counted
-        from the first byte that comes."""
+    async def _probe(self, seconds: float) -> tuple[float, float, float | None]:
+        """(bytes per second, busy fraction of the pump threads, share of blocks that left
+        the socket drained or None when unknown) over ``seconds`` from the first byte."""
         first = self._live()[0]
         while self._live()[0] == first:  # noqa: ASYNC110 - counters moved by threads
             await asyncio.sleep(0.02)
         loop = asyncio.get_running_loop()
-        (moved, busy), began = self._live(), loop.time()
+        (moved, busy, blocks, drained), began = self._live(), loop.time()
         await asyncio.sleep(seconds)
-        (moved2, busy2), took = self._live(), max(loop.time() - began, 1e-3)
-        return (moved2 - moved) / took, (busy2 - busy) / took
+        (moved2, busy2, blocks2, drained2), took = self._live(), max(loop.time() - began, 1e-3)
+        share = (drained2 - drained) / (blocks2 - blocks) if blocks2 > blocks else None
+        return (moved2 - moved) / took, (busy2 - busy) / took, share
 
     def _split_to(self, connections: int, spawn: Spawn) -> bool:
         """Cut the running ranges so ``connections`` run, the new pieces shared out by how

@@ -39,6 +39,7 @@ __all__ = [
     "GeneratingEngine",
     "GpuInfo",
     "LazyEngine",
+    "ModelFileBackend",
     "NamedSource",
     "PickingSource",
     "Piece",
@@ -83,7 +84,7 @@ FileStatus: TypeAlias = Literal["pending", "downloading", "done"]
 
 
 class FileRecord(msgspec.Struct, kw_only=True):
-    """One file of a multi-file download (a shard of a split GGUF, a file of a repository):
+    """One file of a multi-file download (a shard of a split model, a file of a repository):
     its own reference, place, progress and resume state, as a single download keeps them."""
 
     path: str  # relative to the download's directory (the shard's name, a path in the repo)
@@ -134,7 +135,7 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     run_started_at: int = 0
     run_start_bytes: int = 0
     # A set of files under one model id (None = one file, ``local_path``). ``local_path`` is
-    # then what engines load (a split GGUF's first shard) or the model's directory, and the
+    # then what engines load (a split model's first shard) or the model's directory, and the
     # byte counters are the sums over the files.
     files: list[FileRecord] | None = None
 
@@ -275,14 +276,14 @@ class RemoteFile(Protocol):
 @runtime_checkable
 class FileSetSource(Protocol):
     """A Source whose reference may name several files that make one model (the shards of a
-    split GGUF, a repository's files picked by ``include`` patterns)."""
+    split model, a repository's files picked by ``include`` patterns)."""
 
     ref: str
 
     async def resolve_files(
         self, filename: str | None, include: list[str] | None
     ) -> list[RemoteFile] | None:
-        """The files of the set, in order (a split GGUF's first shard first), or None when the
+        """The files of the set, in order (a split model's first shard first), or None when the
         reference (with ``filename``) names a single file. Raises InvalidRequest when the
         files match more than one model or a set is incomplete, listing them."""
         ...
@@ -403,6 +404,16 @@ class VerifyingBackend(Protocol):
 
 
 @runtime_checkable
+class ModelFileBackend(Protocol):
+    """A backend that says which file of a multi-file download its engines load (a split
+    model's first shard); without it, a set of several files is loaded from its directory."""
+
+    def model_file(self, paths: list[str]) -> str | None:
+        """One of ``paths`` (the set's files, relative, in order), or None for the directory."""
+        ...
+
+
+@runtime_checkable
 class DescribedBackend(Protocol):
     """What ``GET /v1/engines`` shows of a backend beyond its name and aliases."""
 
@@ -447,7 +458,7 @@ class GeneratingEngine(Protocol):
 @runtime_checkable
 class ChatEngine(Protocol):
     """An engine that answers chat messages; ``supports_chat`` says whether this model can
-    (a GGUF without a chat template cannot)."""
+    (a model without a chat template cannot)."""
 
     @property
     def supports_chat(self) -> bool: ...

@@ -129,6 +129,8 @@ class HubBody:
         if is_blocking(inner):
             self.readinto_blocking = self._readinto_blocking
             self.interrupt = inner.interrupt  # type: ignore[attr-defined]
+            if callable(getattr(inner, "queued", None)):
+                self.queued = inner.queued  # type: ignore[attr-defined]
 
     def _readinto_blocking(self, view: memoryview, flush_s: float) -> int:
         try:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import socket
 import ssl
+import sys
+import termios
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -155,6 +158,15 @@ class Response:
         if self._remaining is not None:
             self._remaining -= filled
         return filled
+
+    def queued(self) -> int:
+        """Bytes the kernel holds for this socket, not read yet (FIONREAD): a sender faster
+        than this reader keeps it full, a slow origin leaves it empty. -1 when unknown."""
+        try:
+            raw = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return -1
+        return int.from_bytes(raw, sys.byteorder, signed=True)
 
     def interrupt(self) -> None:
         """Unblock a read in another thread: shut the socket down (not the TLS layer)."""

@@ -142,6 +142,10 @@ class WireBody:
     def interrupt(self) -> None:
         self.response.interrupt()
 
+    def queued(self) -> int:
+        """Bytes waiting in the socket (see _wire.Response.queued); read by the pump."""
+        return self.response.queued()
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """For callers that want chunks (the kernel uses readinto_blocking)."""
         buffer = bytearray(1 << 20)
