@@ -52,7 +52,14 @@ from kernel.segments import (
     run_segments,
 )
 from kernel.throttle import TokenBucket
-from kernel.types import DownloadRecord, Probe, RangedSource, Source, VerifyingBackend
+from kernel.types import (
+    DownloadRecord,
+    Probe,
+    RangedSource,
+    Source,
+    VerifyingBackend,
+    now_ms,
+)
 
 __all__ = ["Transfer", "now_ms"]
 
@@ -84,10 +91,6 @@ def _busy_s(pump: Pump) -> float:
         except (OSError, ValueError):
             pass
     return pump.busy_s
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Transfer:
