@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
+from kernel._http_wire import open_response
 from kernel.api.app import create_app
 from kernel.config import HubSettings, NetworkSettings, SourcesSettings
 from kernel.core import Kernel
 from kernel.errors import PermanentError
 from kernel.netpolicy import DestinationDenied, NetPolicy
 from kernel.tls import tls_context
-from plugins.http_source._wire import open_response
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_status
 from tests.helpers.hub import Hub

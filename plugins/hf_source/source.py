@@ -39,6 +39,7 @@ from kernel.errors import (
     TransientError,
     ValidatorChanged,
 )
+from kernel.httpclient import HttpSource
 from kernel.netpolicy import NetPolicy, guarded_transport
 from kernel.pump import is_blocking
 from kernel.tls import tls_context, tls_failure
@@ -46,7 +47,6 @@ from kernel.types import Body, Probe
 from plugins.hf_source._errors import check_hub_response
 from plugins.hf_source._ref import HubRef, has_glob, read_token_file
 from plugins.hf_source._shards import shard_name
-from plugins.http_source.source import HttpSource
 
 __all__ = ["HubBody", "HubFile", "HubSource"]
 
