@@ -35,6 +35,8 @@ from kernel._files import (
     PartFile,
     Writeback,
     file_sha256,
+    make_parent,
+    open_nofollow,
     remove,
     rename_durably,
     size_of,
@@ -137,7 +139,7 @@ class Transfer:
         return sha.lower() if sha else None
 
     async def run(self) -> None:
-        os.makedirs(os.path.dirname(self.rec.local_path) or ".", exist_ok=True)
+        await asyncio.to_thread(make_parent, self.rec.local_path)
         restarts = 0
         while True:
             try:
@@ -310,7 +312,7 @@ class Transfer:
         rec.validator = validator
         rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
         log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
-        fd = await asyncio.to_thread(os.open, rec.part_path, os.O_WRONLY)
+        fd = await asyncio.to_thread(open_nofollow, rec.part_path, os.O_WRONLY)
         writeback = Writeback(fd)
 
         async def fetch(body: Any, seg: list[int]) -> None:
