@@ -7,6 +7,7 @@ Protocols describe the objects that plugin hooks return: a ``Source`` fetches by
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -50,6 +51,7 @@ __all__ = [
     "Source",
     "Status",
     "VerifyingBackend",
+    "now_ms",
 ]
 
 Status: TypeAlias = Literal[
@@ -69,6 +71,11 @@ STATUSES: tuple[str, ...] = (
 )
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "downloading", "paused", "creating_engine"})
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch: the unit of every timestamp in a record."""
+    return time.time_ns() // 1_000_000
 
 
 class EngineSpec(msgspec.Struct, kw_only=True):
