@@ -5,10 +5,10 @@ layer, where ENOSPC is injected)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import os
+import stat
 from typing import Any
 
 from kernel.errors import PermanentError
@@ -19,6 +19,9 @@ __all__ = [
     "disk_error",
     "file_sha256",
     "hash_file_into",
+    "make_parent",
+    "open_nofollow",
+    "open_parent",
     "pwrite_all",
     "remove",
     "rename_durably",
@@ -35,7 +38,7 @@ class PartFile:
 
     def __init__(self, path: str, offset: int, hashing: bool) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        self.fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
         os.ftruncate(self.fd, offset)
         self.pos = offset  # bytes known to be on disk
         self.issued = offset  # bytes handed to writes, landed or not
@@ -166,22 +169,106 @@ def file_sha256(path: str) -> str:
     return hasher.hexdigest()
 
 
-def size_of(path: str) -> int | None:
+# --- no symbolic links on the way in: every path the kernel writes is opened so that it
+# cannot lead elsewhere. The directory holding a file is opened and must be the directory
+# named (no link anywhere on its path: the kernel's paths are built from the resolved
+# models_dir), and the file itself is opened or replaced relative to that directory with
+# O_NOFOLLOW, so a link planted in models_dir is never written through.
+
+
+def _unsafe(path: str, why: str) -> PermanentError:
+    return PermanentError(
+        f"{path} {why}; modelkernel never writes through symbolic links in models_dir. "
+        "Remove the link, then start the download again."
+    )
+
+
+def open_parent(path: str) -> tuple[int, str]:
+    """Open the directory holding ``path``: (directory descriptor, file name). Raises
+    PermanentError when the directory's path leads through a symbolic link, and
+    FileNotFoundError when it does not exist."""
+    parent, name = os.path.split(os.path.abspath(path))
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return os.path.getsize(path)
+        try:
+            actual = os.readlink(f"/proc/self/fd/{fd}")  # what was opened, race-free
+        except OSError:
+            actual = os.path.realpath(parent)  # no /proc: the best check available
+        if actual != parent:
+            raise _unsafe(path, f"leads through a symbolic link (to {actual})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def make_parent(path: str) -> None:
+    """Create the directory that will hold ``path``, and check that it is one (no link)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except FileExistsError as exc:  # a dangling link, or a file, in the way
+        raise _unsafe(path, "has something other than a directory on its path") from exc
+    dir_fd, _ = open_parent(path)
+    os.close(dir_fd)
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` or on the way to it."""
+    dir_fd, name = open_parent(path)
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _unsafe(path, "is a symbolic link") from exc
+        raise
+    finally:
+        os.close(dir_fd)
+
+
+def size_of(path: str) -> int | None:
+    """The size of the regular file at ``path``; None when there is none (a symbolic link
+    is not a file the kernel has: it is never taken as a finished or partial download)."""
+    try:
+        dir_fd, name = open_parent(path)
     except FileNotFoundError:
         return None
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(dir_fd)
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+def remove(path: str) -> bool:
+    """Remove the file (or link) at ``path``, never anything a link points to; True when
+    something was removed."""
+    try:
+        dir_fd, name = open_parent(path)
+    except FileNotFoundError:
+        return False
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dir_fd)
+    return True
 
 
 def rename_durably(src: str, dst: str) -> None:
-    os.replace(src, dst)
-    dir_fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+    """Rename the regular file ``src`` over ``dst`` (same directory; a link at ``dst`` is
+    replaced, not followed), then sync the directory."""
+    dir_fd, name = open_parent(dst)
     try:
+        src_name = os.path.basename(src)
+        if os.path.dirname(os.path.abspath(src)) != os.path.dirname(os.path.abspath(dst)):
+            raise ValueError(f"{src} and {dst} are not in one directory")
+        st = os.stat(src_name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise _unsafe(src, "is not a regular file")
+        os.replace(src_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)

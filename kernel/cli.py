@@ -86,7 +86,7 @@ def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None
     pull = commands.add_parser(
         "pull", parents=[common], help="start a download and follow it until it ends"
     )
-    pull.add_argument("ref", metavar="REF", help="http(s)://..., hf://owner/repo/file.gguf[@rev]")
+    pull.add_argument("ref", metavar="REF", help="http(s)://..., hf://owner/repo/path[@rev]")
     pull.add_argument(
         "--id",
         dest="model_id",
@@ -101,7 +101,7 @@ def _add_client_commands(commands: Any, common: argparse.ArgumentParser) -> None
     pull.add_argument(
         "--filename",
         help="file name under the models directory; with hf://owner/repo, a pattern that "
-        "picks the file (or the shards of one split GGUF)",
+        "picks the file (or the shards of one split model)",
     )
     pull.add_argument(
         "--include",
@@ -249,7 +249,7 @@ def model_id_from_ref(ref: str) -> str | None:
     fragment dropped), or the repository name when that component is a pattern; then the
     file extension and a shard suffix (``-00001-of-00003``) removed, lower-cased, every run
     of characters a model id cannot hold turned into one ``-``, cut to 128 characters.
-    ``hf://Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf`` gives
+    ``hf://Qwen/Qwen2.5-0.5B-Instruct/qwen2.5-0.5b-instruct-q4_k_m.bin`` gives
     ``qwen2.5-0.5b-instruct-q4_k_m``.
     """
     path = ref.split("://", 1)[-1].split("#", 1)[0].split("?", 1)[0]

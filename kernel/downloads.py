@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from kernel._files import remove
 from kernel._saves import RecordWriter
 from kernel.config import MAX_RATE, DownloadSettings, Settings
 from kernel.errors import (
@@ -32,6 +33,7 @@ from kernel.errors import (
     InvalidRequest,
     InvalidState,
     KernelError,
+    PermanentError,
 )
 from kernel.events import EventBus
 from kernel.fileset import FileSetTransfer
@@ -45,10 +47,12 @@ from kernel.types import (
     DownloadRecord,
     DownloadStatus,
     DownloadStore,
+    EngineBackend,
     EngineCreated,
     EngineSpec,
     FileRecord,
     FileSetSource,
+    ModelFileBackend,
     ModelType,
     NamedSource,
     PickingSource,
@@ -136,6 +140,14 @@ class DownloadManager:
             self._seq = max(self._seq, rec.seq)
         await self._prune_ended()
         await asyncio.to_thread(self._report_orphan_parts)
+        for rec in self.records.values():
+            if self._outside(rec) is not None and rec.status not in TERMINAL:
+                log.warning(
+                    "download.outside_models_dir",
+                    model_id=rec.model_id,
+                    path=self._outside(rec),
+                    models_dir=str(self.models_dir),
+                )
         for rec in self.records.values():
             if rec.status == "downloading":
                 rec.status = "queued"  # resumes from its .part file when a slot frees
@@ -236,7 +248,7 @@ class DownloadManager:
         remote: builtins.list[RemoteFile] | None = None
         try:
             if isinstance(source, FileSetSource):
-                # A split GGUF's shards, or a repository's files picked by include patterns.
+                # A split model's shards, or a repository's files picked by include patterns.
                 remote = await source.resolve_files(filename, include)
             elif include is not None:
                 raise InvalidRequest(
@@ -247,7 +259,7 @@ class DownloadManager:
             if remote is not None:
                 name = ""
             elif isinstance(source, PickingSource):
-                # The source may pick the file itself (a repository ref plus "*Q4_K_M.gguf":
+                # The source may pick the file itself (a repository ref plus "*Q4_K_M.*":
                 # it lists the repository); its ref then names that one file, kept in the record.
                 filename = await source.resolve_filename(filename)
                 url = source.ref
@@ -272,7 +284,7 @@ class DownloadManager:
                 local_path=(
                     str(self.models_dir / model_id / name)
                     if files is None
-                    else _primary(self.models_dir / model_id, files)
+                    else _primary(self.models_dir / model_id, files, self.engines.loader(engine))
                 ),
                 files=files,
                 total_bytes=sum(f.size for f in files) if files else 0,
@@ -309,14 +321,14 @@ class DownloadManager:
                 rec.total_bytes = old.total_bytes
                 rec.segments = old.segments
                 return
-        if await asyncio.to_thread(_remove, rec.part_path):
+        if await self._remove(rec.part_path):
             log.info("download.stale_part_removed", path=rec.part_path)
 
     async def _adopt_or_drop_parts(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
         """The same rule for a set of files, file by file: a file of the old set with the same
         reference and place continues from its ``.part`` (or is found in place)."""
         if rec.files is None:
-            if await asyncio.to_thread(_remove, rec.part_path):
+            if await self._remove(rec.part_path):
                 log.info("download.stale_part_removed", path=rec.part_path)
             return
         kept: dict[str, FileRecord] = {}
@@ -330,7 +342,7 @@ class DownloadManager:
                     f.validator, f.segments = before.validator, before.segments
                     f.size = before.size or f.size
                     continue
-            if await asyncio.to_thread(_remove, f.part_path):
+            if await self._remove(f.part_path):
                 log.info("download.stale_part_removed", path=f.part_path)
 
     async def ensure_startup(
@@ -366,9 +378,9 @@ class DownloadManager:
             deleted = False
             if delete_file:
                 for path in rec.final_paths():
-                    deleted = await asyncio.to_thread(_remove, path) or deleted
+                    deleted = await self._remove(path) or deleted
                 for path in rec.part_paths():
-                    await asyncio.to_thread(_remove, path)
+                    await self._remove(path)
             del self.records[model_id]
             self.view_cache.pop(model_id, None)
             self.writer.delete(model_id)  # after every save queued for it, never before
@@ -463,7 +475,7 @@ class DownloadManager:
                 raise InvalidState(model_id, "cancel", rec.status)
             if previous != "creating_engine":
                 for path in rec.part_paths():
-                    await asyncio.to_thread(_remove, path)
+                    await self._remove(path)
             self._set_status(rec, "cancelled")
             self._schedule()
             return rec, previous
@@ -539,6 +551,7 @@ class DownloadManager:
         model_id = rec.model_id
         with structlog.contextvars.bound_contextvars(model_id=model_id):
             try:
+                self._check_inside(rec)
                 callbacks: dict[str, Any] = {
                     "on_progress": self._on_progress,
                     "on_finalizing": lambda: self._phase.__setitem__(model_id, "finalizing"),
@@ -650,6 +663,37 @@ class DownloadManager:
         if self.metrics is not None:
             self.metrics.retries.labels(reason=reason).inc()
 
+    # --- paths: everything the kernel writes or removes is inside models_dir -------------------
+
+    def _outside(self, rec: DownloadRecord) -> str | None:
+        """The first of the record's paths that is not inside ``models_dir/<model_id>/``
+        (a record from another models_dir, or a store edited by hand), or None."""
+        home = self.models_dir / rec.model_id
+        for path in [*rec.final_paths(), *rec.part_paths()]:
+            if not _inside(path, home):
+                return path
+        return None
+
+    def _check_inside(self, rec: DownloadRecord) -> None:
+        path = self._outside(rec)
+        if path is not None:
+            raise PermanentError(
+                f"The download's file {path} is outside models_dir ({self.models_dir}/"
+                f"{rec.model_id}/), perhaps because storage.models_dir changed; nothing was "
+                "written. Purge it and create the download again."
+            )
+
+    async def _remove(self, path: str) -> bool:
+        """Remove a file of ours: only inside models_dir, never through a symbolic link."""
+        if not _inside(path, self.models_dir):
+            log.warning("download.not_removed", path=path, reason="outside models_dir")
+            return False
+        try:
+            return await asyncio.to_thread(remove, path)
+        except PermanentError as exc:
+            log.warning("download.not_removed", path=path, reason=exc.message)
+            return False
+
     def _persist(self, rec: DownloadRecord) -> None:
         """Save ``rec`` as it is now, in the background; ``writer.wait`` awaits it."""
         self.writer.save(_snapshot(rec))
@@ -661,6 +705,12 @@ def _check_rate(max_bytes_per_second: int) -> None:
             f"max_bytes_per_second must be between 0 (unlimited) and {MAX_RATE}.",
             param="max_bytes_per_second",
         )
+
+
+def _inside(path: str, directory: Path) -> bool:
+    """``path`` is spelt plainly (no ``..``) and lies under ``directory`` (lexically; links
+    on the way are refused when the file is opened)."""
+    return os.path.normpath(path) == path and Path(path).is_relative_to(directory)
 
 
 def _snapshot(rec: DownloadRecord) -> DownloadRecord:
@@ -696,13 +746,16 @@ def _file_records(directory: Path, remote: builtins.list[RemoteFile]) -> builtin
     return records
 
 
-def _primary(directory: Path, files: builtins.list[FileRecord]) -> str:
-    """What engines load: the first GGUF of the set (a split model's first shard), the one
-    file of a one-file set, else the model's directory."""
-    ggufs = [f for f in files if f.path.lower().endswith(".gguf")]
-    if ggufs:
-        return ggufs[0].local_path
-    return files[0].local_path if len(files) == 1 else str(directory)
+def _primary(
+    directory: Path, files: builtins.list[FileRecord], loader: EngineBackend | None
+) -> str:
+    """What engines load: the one file of a one-file set, else the file the backend that will
+    load the set picks (a split model's first shard), else the model's directory."""
+    if len(files) == 1:
+        return files[0].local_path
+    paths = [f.path for f in files]
+    chosen = loader.model_file(paths) if isinstance(loader, ModelFileBackend) else None
+    return next((f.local_path for f in files if f.path == chosen), str(directory))
 
 
 def _default_filename(source: Source, model_id: str) -> str:
@@ -711,11 +764,3 @@ def _default_filename(source: Source, model_id: str) -> str:
         return validate_filename(name) if name else f"{model_id}.bin"
     except InvalidRequest:
         return f"{model_id}.bin"
-
-
-def _remove(path: str) -> bool:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        return False
-    return True

@@ -115,11 +115,15 @@ class EngineRegistry:
                 f"Unknown inference engine {name!r}; available: {known}.", param=param
             ) from None
 
-    def verifier(self, spec: EngineSpec | None) -> VerifyingBackend | None:
-        """The backend that will load a download's file, when it checks files: the one its
-        ``engine_creation`` names, else the default backend."""
+    def loader(self, spec: EngineSpec | None) -> EngineBackend | None:
+        """The backend that will load a download's files: the one its ``engine_creation``
+        names, else the default backend (None when there is none)."""
         name = spec.inference_engine if spec is not None else ""
-        backend = self._backends.get(name or self.default_backend or "")
+        return self._backends.get(name or self.default_backend or "")
+
+    def verifier(self, spec: EngineSpec | None) -> VerifyingBackend | None:
+        """The loader, when it checks downloaded files."""
+        backend = self.loader(spec)
         return backend if isinstance(backend, VerifyingBackend) else None
 
     def check_gpu(self, gpu_id: int, *, param: str = "main_gpu_id") -> None:

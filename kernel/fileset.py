@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from collections.abc import Callable
 
 import msgspec
 import structlog
 
-from kernel._files import size_of
+from kernel._files import make_parent, size_of
 from kernel.config import DownloadSettings
 from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
@@ -67,7 +66,7 @@ class FileSetTransfer:
 
     async def run(self) -> None:
         for f in self.files:
-            await asyncio.to_thread(os.makedirs, os.path.dirname(f.local_path), exist_ok=True)
+            await asyncio.to_thread(make_parent, f.local_path)  # a real directory, no link
         left = [f for f in self.files if not await self._in_place(f)]
         self._sum()
         if left:

@@ -2,8 +2,8 @@
 
 This is the only module that touches ``pm.hook``; the rest of the kernel calls the typed
 methods of :class:`Plugins`. Builtins are declared as entry points in our own pyproject, like
-any third-party plugin; when the package runs from a source tree without being installed they
-are registered from :data:`BUILTINS` instead.
+any third-party plugin; when entry points are not loaded (a source tree, tests) they are
+registered from :data:`BUILTINS`, read from those same declarations.
 
 ``plugins.disable`` in the config and ``MODELKERNEL_DISABLE_PLUGINS`` (comma-separated) block
 plugins by name; ``MODELKERNEL_TRACE_PLUGINS=1`` logs every hook call.
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import inspect
 import os
+import tomllib
 from collections.abc import Awaitable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -31,14 +34,23 @@ __all__ = ["BUILTINS", "Plugins", "make_plugin_manager"]
 log = structlog.get_logger()
 
 GROUP = "modelkernel"
-BUILTINS: dict[str, str] = {
-    "hf_source": "plugins.hf_source",
-    "http_source": "plugins.http_source",
-    "sqlite_store": "plugins.sqlite_store",
-    "pg_store": "plugins.pg_store",
-    "s3_cache": "plugins.s3_cache",
-    "engine_llamacpp": "plugins.engine_llamacpp",
-}
+
+
+def _builtins() -> dict[str, str]:
+    """Our own entry points (name -> module): from the source tree's pyproject.toml, else
+    from the installed distribution's metadata. The kernel names no plugin itself."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text())["project"]
+        return dict(project["entry-points"][GROUP])
+    return {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group=GROUP)
+        if ep.dist is not None and ep.dist.name == "modelkernel"
+    }
+
+
+BUILTINS: dict[str, str] = _builtins()
 
 
 def make_plugin_manager(

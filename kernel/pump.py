@@ -24,7 +24,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from kernel._files import disk_error, pwrite_all
 from kernel.errors import PermanentError
@@ -35,6 +35,11 @@ __all__ = ["BlockingBody", "Pump", "is_blocking", "run_in_thread"]
 FLUSH_S = 0.25  # the longest a block is held, and the most often the loop hears of progress
 
 T = TypeVar("T")
+
+
+@runtime_checkable
+class _Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 def is_blocking(body: object) -> bool:
@@ -68,9 +73,8 @@ def run_in_thread(
         try:
             loop.call_soon_threadsafe(settle, ok, value)
         except RuntimeError:  # the loop is closed: nobody waits any more
-            close = getattr(value, "close", None)
-            if ok and callable(close):
-                close()
+            if ok and isinstance(value, _Closeable):
+                value.close()
 
     threading.Thread(target=main, name=name, daemon=True).start()
     return future

@@ -26,6 +26,7 @@ import os
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from kernel._files import open_nofollow
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
 from kernel.types import DownloadRecord, RangedSource
 
@@ -134,7 +135,7 @@ def cut_segment(
 
 def preallocate(path: str, size: int) -> None:
     """Create the ``.part`` at its final size (sparse), for positional writes."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT)
     try:
         os.ftruncate(fd, size)
     finally:

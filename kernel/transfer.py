@@ -35,6 +35,8 @@ from kernel._files import (
     PartFile,
     Writeback,
     file_sha256,
+    make_parent,
+    open_nofollow,
     remove,
     rename_durably,
     size_of,
@@ -52,7 +54,14 @@ from kernel.segments import (
     run_segments,
 )
 from kernel.throttle import TokenBucket
-from kernel.types import DownloadRecord, Probe, RangedSource, Source, VerifyingBackend
+from kernel.types import (
+    DownloadRecord,
+    Probe,
+    RangedSource,
+    Source,
+    VerifyingBackend,
+    now_ms,
+)
 
 __all__ = ["Transfer", "now_ms"]
 
@@ -84,10 +93,6 @@ def _busy_s(pump: Pump) -> float:
         except (OSError, ValueError):
             pass
     return pump.busy_s
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Transfer:
@@ -134,7 +139,7 @@ class Transfer:
         return sha.lower() if sha else None
 
     async def run(self) -> None:
-        os.makedirs(os.path.dirname(self.rec.local_path) or ".", exist_ok=True)
+        await asyncio.to_thread(make_parent, self.rec.local_path)
         restarts = 0
         while True:
             try:
@@ -307,7 +312,7 @@ class Transfer:
         rec.validator = validator
         rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
         log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
-        fd = await asyncio.to_thread(os.open, rec.part_path, os.O_WRONLY)
+        fd = await asyncio.to_thread(open_nofollow, rec.part_path, os.O_WRONLY)
         writeback = Writeback(fd)
 
         async def fetch(body: Any, seg: list[int]) -> None:

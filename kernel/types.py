@@ -7,6 +7,7 @@ Protocols describe the objects that plugin hooks return: a ``Source`` fetches by
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -39,6 +40,7 @@ __all__ = [
     "GeneratingEngine",
     "GpuInfo",
     "LazyEngine",
+    "ModelFileBackend",
     "NamedSource",
     "PickingSource",
     "Piece",
@@ -49,6 +51,7 @@ __all__ = [
     "Source",
     "Status",
     "VerifyingBackend",
+    "now_ms",
 ]
 
 Status: TypeAlias = Literal[
@@ -70,6 +73,11 @@ TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "downloading", "paused", "creating_engine"})
 
 
+def now_ms() -> int:
+    """Milliseconds since the epoch: the unit of every timestamp in a record."""
+    return time.time_ns() // 1_000_000
+
+
 class EngineSpec(msgspec.Struct, kw_only=True):
     """What to build once a startup download's file is on disk (Kolosal's engine_creation)."""
 
@@ -83,7 +91,7 @@ FileStatus: TypeAlias = Literal["pending", "downloading", "done"]
 
 
 class FileRecord(msgspec.Struct, kw_only=True):
-    """One file of a multi-file download (a shard of a split GGUF, a file of a repository):
+    """One file of a multi-file download (a shard of a split model, a file of a repository):
     its own reference, place, progress and resume state, as a single download keeps them."""
 
     path: str  # relative to the download's directory (the shard's name, a path in the repo)
@@ -134,7 +142,7 @@ class DownloadRecord(msgspec.Struct, kw_only=True):
     run_started_at: int = 0
     run_start_bytes: int = 0
     # A set of files under one model id (None = one file, ``local_path``). ``local_path`` is
-    # then what engines load (a split GGUF's first shard) or the model's directory, and the
+    # then what engines load (a split model's first shard) or the model's directory, and the
     # byte counters are the sums over the files.
     files: list[FileRecord] | None = None
 
@@ -275,14 +283,14 @@ class RemoteFile(Protocol):
 @runtime_checkable
 class FileSetSource(Protocol):
     """A Source whose reference may name several files that make one model (the shards of a
-    split GGUF, a repository's files picked by ``include`` patterns)."""
+    split model, a repository's files picked by ``include`` patterns)."""
 
     ref: str
 
     async def resolve_files(
         self, filename: str | None, include: list[str] | None
     ) -> list[RemoteFile] | None:
-        """The files of the set, in order (a split GGUF's first shard first), or None when the
+        """The files of the set, in order (a split model's first shard first), or None when the
         reference (with ``filename``) names a single file. Raises InvalidRequest when the
         files match more than one model or a set is incomplete, listing them."""
         ...
@@ -403,6 +411,16 @@ class VerifyingBackend(Protocol):
 
 
 @runtime_checkable
+class ModelFileBackend(Protocol):
+    """A backend that says which file of a multi-file download its engines load (a split
+    model's first shard); without it, a set of several files is loaded from its directory."""
+
+    def model_file(self, paths: list[str]) -> str | None:
+        """One of ``paths`` (the set's files, relative, in order), or None for the directory."""
+        ...
+
+
+@runtime_checkable
 class DescribedBackend(Protocol):
     """What ``GET /v1/engines`` shows of a backend beyond its name and aliases."""
 
@@ -447,7 +465,7 @@ class GeneratingEngine(Protocol):
 @runtime_checkable
 class ChatEngine(Protocol):
     """An engine that answers chat messages; ``supports_chat`` says whether this model can
-    (a GGUF without a chat template cannot)."""
+    (a model without a chat template cannot)."""
 
     @property
     def supports_chat(self) -> bool: ...

@@ -95,8 +95,9 @@ async def test_bad_id_segment_is_400_invalid_path_format(client: Any, path: str)
 async def test_empty_or_slashed_id_is_a_bad_id_never_the_bulk_cancel(
     client: Any, origin: Origin, prefix: str, method: str, suffix: str
 ) -> None:
-    url = origin.add_file("keep.bin", b"k" * 1000)
-    origin.faults.throttle_bps = 1000  # stays downloading: a bulk cancel would end it
+    url = origin.add_file("keep.bin", b"k" * 100_000)
+    origin.faults.stall_after = 100  # stays downloading until the origin's reset: a bulk
+    # cancel would end it
     assert (await client.post("/v1/downloads", json={"model_id": "keep", "url": url})).status_code == 202
     assert_error(
         await client.request(method, f"{prefix}{suffix}"), 400, "invalid_request_error",

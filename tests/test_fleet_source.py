@@ -187,7 +187,7 @@ async def test_a_body_closed_before_it_is_read_gives_the_lease_back(
     tmp_path: Path,
 ) -> None:
     """A pause right after the open: the holder's heartbeat must not keep the lease alive."""
-    from plugins.http_source.source import HttpSource
+    from kernel.httpclient import HttpSource
     from plugins.s3_cache.fleet import Fleet, FleetSource
 
     url = origin.add_file("fleet-unread.bin", os.urandom(2 * MiB))

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
 from pytest_httpx import HTTPXMock
 
+from kernel import httpclient as http_source_module
 from kernel.config import HubSettings, NetworkSettings, Settings, SourcesSettings
 from kernel.core import Kernel
 from kernel.errors import InvalidRequest, PermanentError, TransientError, ValidatorChanged
@@ -25,7 +25,6 @@ from kernel.pump import is_blocking
 from plugins import hf_source
 from plugins.hf_source import HubSource
 from plugins.http_source import HttpSource
-from plugins.http_source import source as http_source_module
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
 from tests.helpers.hub import Hub, gguf_blob

@@ -13,15 +13,16 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
+from kernel._http_wire import open_response
 from kernel.api.app import create_app
-from kernel.config import NetworkSettings
+from kernel.config import HubSettings, NetworkSettings, SourcesSettings
 from kernel.core import Kernel
 from kernel.errors import PermanentError
 from kernel.netpolicy import DestinationDenied, NetPolicy
 from kernel.tls import tls_context
-from plugins.http_source._wire import open_response
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_status
+from tests.helpers.hub import Hub
 from tests.helpers.origin import Origin
 
 
@@ -176,3 +177,19 @@ async def test_a_checksum_mismatch_does_not_disclose_the_digest_of_what_was_fetc
     failed = await wait_status(client, "secret", "failed")
     assert "Checksum mismatch" in failed["error_message"]
     assert hashlib.sha256(data).hexdigest() not in str(failed)
+
+
+async def test_a_hub_redirect_to_a_denied_cdn_fails_naming_the_setting(tmp_path: Path) -> None:
+    data = b"GGUF" + b"\x03\x00\x00\x00" + bytes(200_000)
+    with Origin(host="localhost") as cdn, Hub(cdn=cdn) as hub:
+        hub.add_repo("owner/repo", {"model.gguf": data})
+        settings = make_settings(tmp_path)
+        settings.sources = SourcesSettings(huggingface=HubSettings(endpoint=hub.base_url))
+        settings.network = NetworkSettings(deny=["localhost"])
+        kernel = Kernel(settings, load_entrypoints=False)
+        async with AsyncTestClient(app=create_app(kernel)) as client:
+            body = {"model_id": "hubbed", "url": "hf://owner/repo/model.gguf"}
+            assert (await client.post("/v1/downloads", json=body)).status_code == 202
+            failed = await wait_status(client, "hubbed", "failed")
+            assert "network.deny" in failed["error_message"]
+        assert cdn.requests_for(Hub.blob_name(data)) == []

@@ -130,7 +130,7 @@ async def test_migrations_are_recorded_and_a_newer_schema_is_refused(pg_dsn: str
     await newer.close()
 
 
-async def test_an_unreadable_row_is_reported_and_the_others_load(pg_dsn: str) -> None:
+async def test_an_unreadable_row_is_quarantined_and_the_others_load(pg_dsn: str) -> None:
     store = PgStore(pg_dsn, "node-a")
     try:
         await store.save(rec("good"))
@@ -140,8 +140,21 @@ async def test_an_unreadable_row_is_reported_and_the_others_load(pg_dsn: str) ->
                 " VALUES ('node-a', 'bad', '{\"model_id\": 5}')"
             )
         assert [r.model_id for r in await store.load_all()] == ["good"]
+        assert len(store.quarantined) == 1
+        assert store.quarantined[0].startswith("bad: ")
     finally:
         await store.close()
+    with psycopg.connect(pg_dsn) as conn:
+        kept = conn.execute("SELECT node_id, model_id, record FROM mk_quarantine").fetchall()
+        left = conn.execute("SELECT model_id FROM mk_downloads ORDER BY model_id").fetchall()
+    assert kept == [("node-a", "bad", '{"model_id": 5}')]  # set aside, not lost
+    assert left == [("good",)]
+    again = PgStore(pg_dsn, "node-a")  # the next start is clean
+    try:
+        assert [r.model_id for r in await again.load_all()] == ["good"]
+        assert again.quarantined == []
+    finally:
+        await again.close()
 
 
 async def test_a_save_during_a_database_restart_is_written_once_it_is_back() -> None:

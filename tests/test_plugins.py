@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -577,3 +578,17 @@ def test_without_the_fleet_config_nothing_of_the_fleet_extra_is_imported(tmp_pat
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_kernel_knows_no_plugin_and_no_model_format() -> None:
+    """What a file is and which engine loads it belong to plugins: no kernel module imports
+    one or names llama.cpp or GGUF (the builtins' names come from pyproject.toml)."""
+    root = Path(__file__).resolve().parent.parent / "kernel"
+    offenders = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        found = [w for w in ("gguf", "llama") if w in text.lower()]
+        found += re.findall(r"^\s*(?:from|import) plugins\b", text, re.MULTILINE)
+        offenders += [f"{path.relative_to(root.parent)}: {w.strip()}" for w in found]
+    assert offenders == []
+    assert BUILTINS["engine_llamacpp"] == "plugins.engine_llamacpp"

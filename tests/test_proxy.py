@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from kernel._http_wire import open_response, proxy_for
 from kernel.errors import PermanentError
 from kernel.tls import tls_context
-from plugins.http_source._wire import open_response, proxy_for
 from tests.helpers.api import wait_status
 from tests.helpers.origin import Origin
 from tests.helpers.proxy import Proxy

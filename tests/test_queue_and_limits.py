@@ -195,7 +195,7 @@ async def test_metrics_need_a_key_unless_public(tmp_path: Path) -> None:
 async def test_readiness_reports_each_check(client: Any, tmp_path: Path) -> None:
     ready = await client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "models_dir": "ok", "disk": "ok"}}
+    assert ready.json() == {"status": "ready", "checks": {"store": "ok", "models_dir": "ok", "disk": "ok", "records": "ok"}}
     (tmp_path / "models").chmod(0o500)
     try:
         if not __import__("os").access(tmp_path / "models", __import__("os").W_OK):

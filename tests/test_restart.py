@@ -202,7 +202,7 @@ def test_second_server_on_the_same_state_dir_refuses_to_start(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("prepare", "expected"),
     [
-        (lambda db: db.write_bytes(b"this is not a database" * 100), "unreadable"),
+        (lambda db: db.write_bytes(b"this is not a database" * 100), "unusable"),
         (lambda db: sqlite3.connect(db).execute("PRAGMA user_version=99").connection.commit(), "newer"),
     ],
 )

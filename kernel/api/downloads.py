@@ -33,8 +33,7 @@ from kernel.api.schemas import (
 )
 from kernel.downloads import DownloadManager, validate_model_id
 from kernel.errors import InvalidRequest
-from kernel.transfer import now_ms
-from kernel.types import ACTIVE, TERMINAL, DownloadRecord
+from kernel.types import ACTIVE, TERMINAL, DownloadRecord, now_ms
 
 __all__ = ["DownloadsController"]
 

@@ -72,6 +72,14 @@ class SystemController(Controller):
             else f"only {free} bytes free in {models_dir} (need {MIN_FREE_BYTES})"
         )
         ready = all(value == "ok" for value in checks.values())
+        # Records the store could not read were set aside; the rest works, so this is
+        # reported without taking the server out of service.
+        quarantined: list[str] = getattr(kernel.store, "quarantined", None) or []
+        checks["records"] = (
+            f"{len(quarantined)} unreadable record(s) quarantined: {'; '.join(quarantined[:5])}"
+            if quarantined
+            else "ok"
+        )
         body = Readiness(status="ready" if ready else "not_ready", checks=checks)
         return Response(body, status_code=200 if ready else 503)
 

@@ -84,6 +84,10 @@ class LlamaCppBackend:
         if name.lower().endswith(".gguf"):
             check_gguf_header(path)
 
+    def model_file(self, paths: list[str]) -> str | None:
+        """The first GGUF of a multi-file download (a split model's first shard)."""
+        return next((p for p in paths if p.lower().endswith(".gguf")), None)
+
     def verify_set(self, paths: list[str]) -> None:
         """The shards of a split GGUF must be exactly one model's, in order. Blocking."""
         if len(paths) > 1 and all(shard_name(p) is not None for p in paths):

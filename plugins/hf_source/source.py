@@ -39,13 +39,14 @@ from kernel.errors import (
     TransientError,
     ValidatorChanged,
 )
+from kernel.httpclient import HttpSource
+from kernel.netpolicy import NetPolicy, guarded_transport
 from kernel.pump import is_blocking
 from kernel.tls import tls_context, tls_failure
 from kernel.types import Body, Probe
 from plugins.hf_source._errors import check_hub_response
 from plugins.hf_source._ref import HubRef, has_glob, read_token_file
 from plugins.hf_source._shards import shard_name
-from plugins.http_source.source import HttpSource
 
 __all__ = ["HubBody", "HubFile", "HubSource"]
 
@@ -165,9 +166,11 @@ class HubSource:
         token: str | None = None,
         stall_timeout_s: float = 30.0,
         ca_bundle: str | None = None,
+        policy: NetPolicy | None = None,
     ) -> None:
         self.ref = ref  # what the record keeps: the user's reference
         self._ca_bundle = ca_bundle
+        self._policy = policy  # the destination policy, for the hub and the CDN alike
         self.hub_ref = hub_ref
         self.endpoint = endpoint.rstrip("/")
         self._token = token
@@ -208,6 +211,10 @@ class HubSource:
                 follow_redirects=False, timeout=self._timeout, headers=headers,
                 verify=tls_context(self._ca_bundle),
             )  # fmt: skip
+            if self._policy is not None:  # after construction: keeps the environment's proxies
+                self._hub._transport = guarded_transport(
+                    self._policy, tls_context(self._ca_bundle)
+                )
         return self._hub
 
     async def aclose(self) -> None:
@@ -256,8 +263,9 @@ class HubSource:
             url = meta.location
             if_range = self._cdn_validators.get(_without_query(url)) if offset else None
         source = HttpSource(
-            url, headers=headers, stall_timeout_s=self._stall, ca_bundle=self._ca_bundle
-        )
+            url, headers=headers, stall_timeout_s=self._stall, ca_bundle=self._ca_bundle,
+            policy=self._policy,
+        )  # fmt: skip
         try:
             inner = await source.open(offset, if_range)
         except SourceError as exc:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from kernel import hookimpl
 from kernel.config import Settings
+from kernel.httpclient import HttpSource
 from kernel.netpolicy import NetPolicy
 from kernel.types import Source
-from plugins.http_source.source import HttpSource
 
 __all__ = ["HttpSource", "resolve_source"]
 

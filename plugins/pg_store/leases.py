@@ -160,13 +160,18 @@ class LeaseManager:
             raise AssertionError("unreachable")
 
     async def _listen(self) -> None:
-        """Wake waiters on NOTIFY; reconnect with a pause when the connection drops."""
+        """Wake waiters on NOTIFY; reconnect, backing off, when the connection drops (the
+        waiters poll meanwhile, and are all woken once it is back: they may have missed one)."""
+        failures = 0
         while True:
             try:
                 conn = await self._connect()
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}".encode())
                     self.listening.set()
+                    failures = 0
+                    for key in list(self._waiters):
+                        self._wake(key)
                     async for note in conn.notifies():
                         self.notifications += 1
                         self._wake(note.payload)
@@ -175,8 +180,10 @@ class LeaseManager:
                     with contextlib.suppress(psycopg.Error):
                         await conn.close()
             except (psycopg.Error, StoreError) as exc:
-                log.warning("lease.listen_lost", error=str(exc))
-            await asyncio.sleep(self.poll_s)
+                if failures == 0:
+                    log.warning("lease.listen_lost", error=str(exc))
+                failures += 1
+            await asyncio.sleep(min(self.poll_s * 2 ** min(failures, 6), 10.0))
 
     def _wake(self, key: str) -> None:
         for event in self._waiters.get(key, ()):

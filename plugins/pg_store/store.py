@@ -7,11 +7,12 @@ forward by the ordered ``MIGRATIONS`` (table ``mk_schema_migrations`` lists the 
 nodes starting at once serialise on a transaction-scoped lock while migrating, and a database
 migrated by a newer modelkernel is refused with a clear message.
 
-Saves are batched like the SQLite store's: records saved while a write is in flight go
-together in one transaction, the latest version of each winning; ``save`` returns once its
-batch is committed. When the database is unreachable the save raises ``StoreError`` and the
-batch is kept, so the next save (or the retry a second later) writes it: a database restart
-loses no record.
+A record that cannot be decoded is moved to ``mk_quarantine`` (logged, listed in
+``quarantined``) and the others load. Saves are batched like the SQLite store's: records saved
+while a write is in flight go together in one transaction, the latest version of each winning;
+``save`` returns once its batch is committed (durable: PostgreSQL's commit). When the database
+is unreachable the save raises ``StoreError`` and the batch is kept, so the next save (or the
+retry a second later) writes it: a database restart loses no record.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER mk_lease_changed AFTER INSERT OR UPDATE ON mk_leases
         FOR EACH ROW EXECUTE FUNCTION mk_lease_notify();
     """,
+    """
+    CREATE TABLE mk_quarantine (
+        node_id text NOT NULL,
+        model_id text NOT NULL,
+        record text NOT NULL,
+        error text NOT NULL,
+        at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Any constant: serialises concurrent migrations of one database (DDL only, never leases).
@@ -137,6 +147,7 @@ class PgStore:
         self._retry: asyncio.TimerHandle | None = None
         self._migrated = False
         self.batches_written = 0
+        self.quarantined: list[str] = []  # "model id: why", for records that could not load
 
     # --- connection ----------------------------------------------------------------------
 
@@ -200,9 +211,29 @@ class PgStore:
             try:
                 records.append(self._decoder.decode(text))
             except msgspec.DecodeError as exc:
-                # One unreadable row never stops the node: it is left in place and reported.
-                log.error("store.record_unreadable", model_id=model_id, error=str(exc))
+                # One unreadable row never stops the node: it is set aside and reported.
+                await self._quarantine(model_id, text, str(exc))
         return records
+
+    async def _quarantine(self, model_id: str, text: str, why: str) -> None:
+        """Move one record that cannot be decoded to ``mk_quarantine`` (the same contract as
+        the SQLite store: logged, listed in ``quarantined``, the others load)."""
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO mk_quarantine(node_id, model_id, record, error)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (self.node_id, model_id, text, why),
+                )
+                await conn.execute(
+                    "DELETE FROM mk_downloads WHERE node_id = %s AND model_id = %s",
+                    (self.node_id, model_id),
+                )
+
+        await self.run(work)
+        self.quarantined.append(f"{model_id}: {why}")
+        log.error("store.record_quarantined", model_id=model_id, error=why, node_id=self.node_id)
 
     async def save(self, record: DownloadRecord) -> None:
         await self._enqueue(record.model_id, self._encoder.encode(record))

@@ -7,6 +7,10 @@ of the ``[fleet]`` extra is imported. It wraps the source the other plugins reso
 wrapper on ``resolve_source``) in a ``FleetSource`` (see ``fleet.py``), and listens for cancels
 (``on_event``) so the shared fetch stops when the last node that wanted the file cancels.
 ``client.S3Client`` is the small SigV4 client it uses.
+
+It builds on ``pg_store`` (the leases, ``plugins/pg_store/leases.py``, live in the store's
+database and its migrations): the one builtin plugin that imports another, and only when the
+cache is configured, which needs the postgres store anyway.
 """
 
 from __future__ import annotations

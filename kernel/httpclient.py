@@ -1,9 +1,13 @@
 """HttpSource: one remote file over HTTP(S), probed with HEAD and fetched with ranges.
 
+The shared HTTP client of the source plugins: ``http_source`` returns it for http(s) URLs and
+``hf_source`` fetches each hub or CDN file through it, so neither plugin imports the other.
+The kernel itself never calls it.
+
 httpx does the probes (HEAD, or a one-byte GET) and resolves redirects; the body is then
-opened on the fast path (``_wire``: a blocking socket read by the kernel's pump in a worker
-thread), at the final URL, also for https and through proxies. httpx reads a body only when
-the source was given a client of its own, or the origin sends it chunked."""
+opened on the fast path (``kernel._http_wire``: a blocking socket read by the kernel's pump in
+a worker thread), at the final URL, also for https and through proxies. httpx reads a body
+only when the source was given a client of its own, or the origin sends it chunked."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from kernel._http_wire import CheckAddress, NeedsHttpx, Response, open_response
 from kernel.errors import PermanentError, SourceError, TransientError, ValidatorChanged
 from kernel.http import USER_AGENT, check_status, validator_of
 from kernel.netpolicy import NetPolicy, guarded_transport
@@ -23,7 +28,6 @@ from kernel.pump import run_in_thread
 from kernel.tls import tls_context, tls_failure
 from kernel.types import Probe
 from kernel.validation import http_url_problem
-from plugins.http_source._wire import CheckAddress, NeedsHttpx, Response, open_response
 
 __all__ = [
     "HttpBody",
