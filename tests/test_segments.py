@@ -76,11 +76,12 @@ async def test_a_fast_connection_is_never_split(
     assert ranges(origin, "fast.bin") == [f"bytes=0-{len(data) - 1}"]
 
 
-async def test_a_connection_that_keeps_its_socket_full_is_never_split(
+async def test_a_connection_that_looks_cpu_bound_is_never_split(
     tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # as if the socket were found full after every block (the reader, not the origin, is slow)
+    # as if the socket were found full after every block and the thread always busy
     monkeypatch.setattr(kernel.transfer, "SPLIT_DRAINED", 2.0)
+    monkeypatch.setattr(kernel.transfer, "SPLIT_BUSY", 0.0)
     data = blob(3 * MiB, 8)
     url = origin.add_file("busy.bin", data)
     origin.faults.throttle_bps = MiB
