@@ -56,6 +56,7 @@ class Kernel:
             self.plugins.engine_backends(),
             self.plugins.detect_gpus(),
             detect_gpus=self.plugins.detect_gpus,  # free memory is read again at creation
+            publish=self.bus.publish,
         )
         self._store: DownloadStore | None = None
         self._downloads: DownloadManager | None = None

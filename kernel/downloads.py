@@ -48,7 +48,6 @@ from kernel.types import (
     DownloadStatus,
     DownloadStore,
     EngineBackend,
-    EngineCreated,
     EngineSpec,
     FileRecord,
     FileSetSource,
@@ -591,7 +590,6 @@ class DownloadManager:
 
     async def _run_engine(self, rec: DownloadRecord) -> None:
         assert rec.engine is not None
-        started = time.monotonic()
         with structlog.contextvars.bound_contextvars(model_id=rec.model_id):
             try:
                 engine = await self.engines.create(
@@ -606,16 +604,7 @@ class DownloadManager:
             except Exception as exc:
                 log.exception("engine.internal_error")
                 self._fail(rec, f"Engine creation failed: {type(exc).__name__}: {exc}")
-            else:
-                log.info("engine.created", seconds=round(time.monotonic() - started, 3))
-                self.bus.publish(
-                    EngineCreated(
-                        rec.model_id,
-                        rec.model_type,
-                        rec.engine.inference_engine,
-                        seconds=time.monotonic() - started,
-                    )
-                )
+            else:  # the registry published engine.created
                 self._set_status(rec, "completed")
             self._task_done(rec)
 

@@ -34,7 +34,9 @@ from kernel.types import (
     DescribedEngine,
     Engine,
     EngineBackend,
+    EngineCreated,
     EngineSpec,
+    Event,
     GeneratingEngine,
     GpuInfo,
     LazyEngine,
@@ -79,7 +81,9 @@ class EngineRegistry:
         gpus: list[GpuInfo],
         *,
         detect_gpus: Callable[[], list[GpuInfo]] | None = None,
+        publish: Callable[[Event], object] | None = None,
     ) -> None:
+        self._publish = publish  # the bus: engine.created for every engine built
         self._backends: dict[str, EngineBackend] = {}
         for backend in backends:
             for name in (backend.name, *backend.aliases):
@@ -91,7 +95,6 @@ class EngineRegistry:
         self._detect_gpus = detect_gpus
         self.engines: dict[str, Engine] = {}
         self.entries: dict[str, EngineEntry] = {}
-        self._infer_type: set[str] = set()
 
     # --- backends and GPUs ----------------------------------------------------------------
 
@@ -161,21 +164,16 @@ class EngineRegistry:
 
     # --- engines ----------------------------------------------------------------------------
 
-    def infer_type_on_create(self, model_id: str, infer: bool = True) -> None:
-        """The next ``create`` for ``model_id`` lets the backend infer the model type (the
-        request gave none), whatever type the caller passes."""
-        if infer:
-            self._infer_type.add(model_id)
-        else:
-            self._infer_type.discard(model_id)
-
     async def create(self, model_id: str, path: str, model_type: str, spec: EngineSpec) -> Engine:
-        """Build an engine; if the caller is cancelled meanwhile, the engine is closed when the
+        """Build an engine: the one way every caller (a startup download, POST /v1/models, a
+        config ``models:`` entry) creates one; publishes ``engine.created``. With
+        ``spec.infer_model_type`` the backend reads the type from the file, whatever type the
+        caller passes. If the caller is cancelled meanwhile, the engine is closed when the
         backend finishes, so an abandoned engine never leaks."""
         backend = self.backend(spec.inference_engine)
-        if model_id in self._infer_type:
-            self._infer_type.discard(model_id)
+        if spec.infer_model_type:
             model_type = AUTO_TYPE
+        started = time.monotonic()
         gpu_id = self.resolve_gpu(spec.main_gpu_id)
         used = msgspec.structs.replace(spec, main_gpu_id=gpu_id)
         job = asyncio.ensure_future(backend.create(model_id, path, model_type, used))
@@ -204,6 +202,11 @@ class EngineRegistry:
             loading_parameters=dict(spec.loading_parameters),
             created_at=int(time.time() * 1000),
         )
+        seconds = time.monotonic() - started
+        log.info("engine.created", model_id=model_id, seconds=round(seconds, 3))
+        if self._publish is not None:
+            name = spec.inference_engine or backend.name
+            self._publish(EngineCreated(model_id, engine.model_type, name, seconds=seconds))
         return engine
 
     def get(self, model_id: str) -> Engine | None:

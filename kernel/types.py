@@ -85,6 +85,9 @@ class EngineSpec(msgspec.Struct, kw_only=True):
     load_immediately: bool = True
     main_gpu_id: int = 0
     inference_engine: str = ""  # a backend name or alias; "": the default backend
+    # The request gave no model_type: the backend reads it from the file (kept in the
+    # record, so an engine rebuilt after a restart infers it again).
+    infer_model_type: bool = False
     loading_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 

@@ -282,3 +282,54 @@ async def test_no_inference_engine_means_the_default_engine_for_downloads_and_mo
         models = {m["model_id"]: m for m in (await client.get("/v1/models")).json()["models"]}
         assert models["local"]["inference_engine"] == "echo"
         assert models["dl"]["inference_engine"] == "echo"
+
+
+class TypeRecordingBackend:
+    """Records the model type each create was asked for; "auto" reads as an embedding."""
+
+    name = "typed"
+    aliases: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def create(self, model_id: str, path: str, model_type: str, spec: EngineSpec) -> EchoEngine:
+        self.asked.append(model_type)
+        return EchoEngine(model_id, "embedding" if model_type == "auto" else model_type)
+
+
+class TypeRecordingPlugin:
+    def __init__(self, backend: TypeRecordingBackend) -> None:
+        self.backend = backend
+
+    @hookimpl
+    def register_engine_backends(self, settings: Settings) -> list[TypeRecordingBackend]:
+        return [self.backend]
+
+
+async def test_the_infer_model_type_intent_survives_a_restart(tmp_path: Path, origin: Origin) -> None:
+    """POST /v1/models without model_type asks the backend to read the type from the file;
+    the intent is kept in the record, so a download finished after a restart still does."""
+    settings = msgspec.structs.replace(
+        make_settings(tmp_path), plugins=PluginSettings(disable=["engine_llamacpp"])
+    )
+    url = origin.add_file("plainly-named.bin", b"m" * 200_000)
+    origin.faults.throttle_bps = 50_000
+    first = Kernel(settings, load_entrypoints=False,
+                   extra_plugins=[TypeRecordingPlugin(TypeRecordingBackend())])
+    async with AsyncTestClient(app=create_app(first)) as client:
+        added = await client.post("/v1/models", json={"model_id": "typed", "model_path": url})
+        assert added.status_code == 202, added.text
+        assert (await client.post("/v1/downloads/typed/pause")).status_code == 200
+    engine = first.downloads.get("typed").engine  # the kernel has stopped: read it directly
+    assert engine is not None
+    assert engine.infer_model_type is True
+    origin.faults.throttle_bps = None
+    backend = TypeRecordingBackend()
+    again = Kernel(settings, load_entrypoints=False, extra_plugins=[TypeRecordingPlugin(backend)])
+    async with AsyncTestClient(app=create_app(again)) as client:
+        assert (await client.post("/v1/downloads/typed/resume")).status_code == 200
+        await wait_status(client, "typed", "completed")
+        models = {m["model_id"]: m for m in (await client.get("/v1/models")).json()["models"]}
+    assert backend.asked == ["auto"]
+    assert models["typed"]["model_type"] == "embedding"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -24,7 +23,7 @@ from kernel.api.deps import KernelDep
 from kernel.api.errors import error_responses
 from kernel.core import Kernel
 from kernel.downloads import validate_model_id
-from kernel.engines import AUTO_TYPE, EngineEntry
+from kernel.engines import EngineEntry
 from kernel.errors import (
     Conflict,
     DownloadExists,
@@ -33,7 +32,7 @@ from kernel.errors import (
     ModelLoadingFailed,
     NotFound,
 )
-from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineCreated, EngineSpec
+from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineSpec
 from kernel.validation import redact_url
 
 __all__ = ["ModelsController"]
@@ -262,9 +261,8 @@ async def _start_download(kernel: Kernel, body: AddModelRequest, spec: EngineSpe
         model_id=body.model_id,
         url=url,
         model_type=model_type,  # type: ignore[arg-type]
-        engine=spec,
+        engine=msgspec.structs.replace(spec, infer_model_type=body.model_type is None),
     )
-    kernel.engines.infer_type_on_create(body.model_id, body.model_type is None)
     return Response(
         ModelDownloadStarted(
             model_id=rec.model_id,
@@ -289,17 +287,11 @@ async def _create_local(kernel: Kernel, body: AddModelRequest, spec: EngineSpec)
     pending = kernel.downloads.records.get(body.model_id)
     if pending is not None and pending.status not in TERMINAL:
         raise DownloadExists(body.model_id, pending.status)
-    started = time.monotonic()
-    try:
-        engine = await kernel.engines.create(
-            body.model_id, path, body.model_type or AUTO_TYPE, spec
-        )
-    except EngineError as exc:
+    spec = msgspec.structs.replace(spec, infer_model_type=body.model_type is None)
+    try:  # the registry publishes engine.created
+        engine = await kernel.engines.create(body.model_id, path, body.model_type or "llm", spec)
+    except EngineError as exc:  # a file the request named: the request's fault
         raise ModelLoadingFailed(exc.message, param="model_path") from exc
-    seconds = time.monotonic() - started
-    kernel.bus.publish(
-        EngineCreated(body.model_id, engine.model_type, spec.inference_engine, seconds=seconds)
-    )
     state = kernel.engines.state(body.model_id)
     details = kernel.engines.details(body.model_id)
     return Response(
@@ -416,7 +408,6 @@ class ModelsController(Controller):
         if _active_startup(kernel, model_id) is not None:
             await kernel.downloads.cancel(model_id)
             cancelled = True
-        kernel.engines.infer_type_on_create(model_id, False)
         if not await kernel.engines.remove(model_id) and not cancelled:
             raise _not_found(model_id, "model_id")
         return ModelRemoved(
