@@ -45,6 +45,7 @@ __all__ = [
     "PickingSource",
     "Piece",
     "Probe",
+    "QuarantiningStore",
     "RangedSource",
     "RemoteFile",
     "Sampling",
@@ -313,6 +314,14 @@ class DownloadStore(Protocol):
     async def put_meta(self, key: str, value: bytes) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class QuarantiningStore(Protocol):
+    """A store that sets aside records it cannot read (instead of failing to start) and
+    lists them, as ``model id: why``; ``GET /ready`` reports them."""
+
+    quarantined: list[str]
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,20 +4,20 @@ origin, simulated by the origin's per-response throttle)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from kernel.api.app import create_app
-from kernel.core import Kernel
 import kernel.segments
 import kernel.transfer
+from kernel.api.app import create_app
+from kernel.core import Kernel
 from kernel.segments import plan_segments
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for, wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
 
 MiB = 1 << 20
@@ -27,10 +27,6 @@ MiB = 1 << 20
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces of 256 KiB (not 4 MiB), so a few MiB at a few MiB/s can be split."""
     monkeypatch.setattr(kernel.segments, "MIN_PIECE", 256 << 10)
-
-
-def blob(size: int, seed: int) -> bytes:
-    return hashlib.shake_256(f"segments-{seed}".encode()).digest(size)
 
 
 def segmented(tmp_path: Path, connections: int = 4) -> AsyncTestClient:  # type: ignore[type-arg]
