@@ -21,7 +21,7 @@ import builtins
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -234,6 +234,93 @@ def _terminal(download: Download) -> bool:
     return download.status in TERMINAL
 
 
+class _Request(msgspec.Struct, frozen=True):
+    """One API call: built once here for both clients, sent by each its own way."""
+
+    method: str
+    path: str
+    type: Any  # what the answer decodes to
+    params: dict[str, str] | None = None
+    json: dict[str, Any] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"params": self.params, "json": self.json}
+
+
+class _Requests:
+    """Every endpoint's request; ``Client`` and ``AsyncClient`` only send them."""
+
+    @staticmethod
+    def health() -> _Request:
+        return _Request("GET", "/health", Health)
+
+    @staticmethod
+    def list(all: bool, status: str | None) -> _Request:
+        return _Request("GET", "/v1/downloads", DownloadList, params=_list_params(all, status))
+
+    @staticmethod
+    def get(model_id: str) -> _Request:
+        return _Request("GET", _path(model_id), Download)
+
+    @staticmethod
+    def create(model_id: str, url: str, opts: dict[str, Any]) -> _Request:
+        return _Request("POST", "/v1/downloads", Download, json=_create_body(model_id, url, opts))
+
+    @staticmethod
+    def action(model_id: str, action: str, type_: Any) -> _Request:
+        return _Request("POST", f"{_path(model_id)}/{action}", type_)
+
+    @staticmethod
+    def cancel_all() -> _Request:
+        return _Request("POST", "/v1/downloads/cancel", BulkCancelResult)
+
+    @staticmethod
+    def purge(model_id: str, delete_file: bool) -> _Request:
+        params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
+        return _Request("DELETE", _path(model_id), PurgeResult, params=params)
+
+    @staticmethod
+    def models() -> _Request:
+        return _Request("GET", "/v1/models", _ModelList)
+
+    @staticmethod
+    def set_priority(model_id: str, priority: int) -> _Request:
+        return _Request(
+            "POST", _path(model_id) + "/priority", Download, json={"priority": priority}
+        )
+
+    @staticmethod
+    def set_limit(model_id: str, max_bytes_per_second: int) -> _Request:
+        body = {"max_bytes_per_second": max_bytes_per_second}
+        return _Request("POST", _path(model_id) + "/limit", Download, json=body)
+
+    @staticmethod
+    def events(model_id: str | None, last_event_id: str | int | None) -> _Request:
+        return _Request("GET", "/v1/events", None, params=_events_params(model_id, last_event_id))
+
+
+class _Follow:
+    """What ``follow`` does between reads, for both clients: a deadline, and which state an
+    event stands for (None: look it up now)."""
+
+    def __init__(self, model_id: str, timeout: float | None) -> None:
+        self.model_id, self.timeout = model_id, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float:
+        return STREAM_READ_TIMEOUT_S if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        if self.left() <= 0:
+            raise TimeoutError(f"{self.model_id} did not finish within {self.timeout}s")
+
+    def read_timeout(self) -> float:
+        return max(0.1, min(self.left(), 20.0))
+
+    def pause(self) -> float:
+        return max(0.0, min(POLL_INTERVAL_S, self.left()))
+
+
 STREAM_READ_TIMEOUT_S = 45.0  # well over the server's 15 s heartbeat
 # No stream (connection dropped, or a server without /v1/events): poll instead.
 FALL_BACK_TO_POLLING = frozenset({0, 404, 405, 501})
@@ -265,63 +352,55 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, type_: type[T], **kwargs: Any) -> T:
+    def _send(self, request: _Request) -> Any:
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(request.method, request.path, **request.kwargs())
         except httpx.TransportError as exc:
             raise ApiConnectionError(self.server, exc) from exc
-        return _decode(response, type_)
+        return _decode(response, request.type)
 
-    # --- endpoints ------------------------------------------------------------------------
+    # --- endpoints (each request is built by _Requests, shared with AsyncClient) -------------
 
     def health(self) -> Health:
-        return self._call("GET", "/health", Health)
+        return cast(Health, self._send(_Requests.health()))
 
     def list(self, all: bool = False, status: str | None = None) -> DownloadList:
         """Active downloads; ``all=True`` includes ended ones; ``status`` is a comma list."""
-        return self._call("GET", "/v1/downloads", DownloadList, params=_list_params(all, status))
+        return cast(DownloadList, self._send(_Requests.list(all, status)))
 
     def get(self, model_id: str) -> Download:
-        return self._call("GET", _path(model_id), Download)
+        return cast(Download, self._send(_Requests.get(model_id)))
 
     def create(self, model_id: str, url: str, **opts: Any) -> Download:
         """Start a download. ``opts``: model_type, sha256, filename, priority,
         max_bytes_per_second, engine_creation (a dict); None values are left out."""
-        return self._call("POST", "/v1/downloads", Download, json=_create_body(model_id, url, opts))
+        return cast(Download, self._send(_Requests.create(model_id, url, opts)))
 
     def pause(self, model_id: str) -> ActionResult:
-        return self._call("POST", _path(model_id) + "/pause", ActionResult)
+        return cast(ActionResult, self._send(_Requests.action(model_id, "pause", ActionResult)))
 
     def resume(self, model_id: str) -> ActionResult:
-        return self._call("POST", _path(model_id) + "/resume", ActionResult)
+        return cast(ActionResult, self._send(_Requests.action(model_id, "resume", ActionResult)))
 
     def cancel(self, model_id: str) -> CancelResult:
-        return self._call("POST", _path(model_id) + "/cancel", CancelResult)
+        return cast(CancelResult, self._send(_Requests.action(model_id, "cancel", CancelResult)))
 
     def cancel_all(self) -> BulkCancelResult:
-        return self._call("POST", "/v1/downloads/cancel", BulkCancelResult)
+        return cast(BulkCancelResult, self._send(_Requests.cancel_all()))
 
     def purge(self, model_id: str, delete_file: bool = False) -> PurgeResult:
         """Forget an ended download (and delete its file with ``delete_file``)."""
-        params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
-        return self._call("DELETE", _path(model_id), PurgeResult, params=params)
+        return cast(PurgeResult, self._send(_Requests.purge(model_id, delete_file)))
 
     def models(self) -> builtins.list[ModelInfo]:
         """The models the server has engines for (or is downloading for one)."""
-        return self._call("GET", "/v1/models", _ModelList).models
+        return cast(_ModelList, self._send(_Requests.models())).models
 
     def set_priority(self, model_id: str, priority: int) -> Download:
-        return self._call(
-            "POST", _path(model_id) + "/priority", Download, json={"priority": priority}
-        )
+        return cast(Download, self._send(_Requests.set_priority(model_id, priority)))
 
     def set_limit(self, model_id: str, max_bytes_per_second: int) -> Download:
-        return self._call(
-            "POST",
-            _path(model_id) + "/limit",
-            Download,
-            json={"max_bytes_per_second": max_bytes_per_second},
-        )
+        return cast(Download, self._send(_Requests.set_limit(model_id, max_bytes_per_second)))
 
     # --- events ---------------------------------------------------------------------------
 
@@ -343,13 +422,14 @@ class Client:
     ) -> Generator[StreamEvent | None, None, None]:
         """Like watch(), plus a None first, once the server has subscribed us."""
         timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout)
-        params = _events_params(model_id, last_event_id)
+        request = _Requests.events(model_id, last_event_id)
         headers = {"Accept": "text/event-stream"}
         parser = _SseParser()
         try:
             with self._http.stream(
-                "GET", "/v1/events", params=params, headers=headers, timeout=timeout
-            ) as response:
+                request.method, request.path, params=request.params, headers=headers,
+                timeout=timeout,
+            ) as response:  # fmt: skip
                 if response.is_error:
                     response.read()
                     raise ApiError.from_response(response)
@@ -370,40 +450,30 @@ class Client:
         """The download's successive states, ending with the terminal one. Follows the event
         stream and falls back to polling when the stream is unavailable or drops;
         TimeoutError past ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        def left() -> float:
-            return STREAM_READ_TIMEOUT_S if deadline is None else deadline - time.monotonic()
-
-        def check() -> None:
-            if left() <= 0:
-                raise TimeoutError(f"{model_id} did not finish within {timeout}s")
-
-        stream = self._stream(model_id, None, max(0.1, min(left(), 20.0)))
+        state = _Follow(model_id, timeout)
+        stream = self._stream(model_id, None, state.read_timeout())
         try:
             with contextlib.closing(stream):
                 for item in stream:
-                    current = self._state(model_id, item)
+                    if item is None or item.event == "resync":  # subscribed, or events lost
+                        current: Download | None = self.get(model_id)  # so look now
+                    else:
+                        current = item.download
                     if current is not None:
                         yield current
                         if _terminal(current):
                             return
-                    check()
+                    state.check()
         except ApiError as exc:
             if exc.status not in FALL_BACK_TO_POLLING:
                 raise
         while True:
-            check()
+            state.check()
             current = self.get(model_id)
             yield current
             if _terminal(current):
                 return
-            time.sleep(max(0.0, min(POLL_INTERVAL_S, left())))
-
-    def _state(self, model_id: str, item: StreamEvent | None) -> Download | None:
-        if item is None or item.event == "resync":  # subscribed (or lost events): look now
-            return self.get(model_id)
-        return item.download
+            time.sleep(state.pause())
 
     def wait(self, model_id: str, timeout: float | None = None) -> Download:
         """Block until the download is terminal and return it; TimeoutError past ``timeout``."""
@@ -439,62 +509,59 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, type_: type[T], **kwargs: Any) -> T:
+    async def _send(self, request: _Request) -> Any:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._http.request(request.method, request.path, **request.kwargs())
         except httpx.TransportError as exc:
             raise ApiConnectionError(self.server, exc) from exc
-        return _decode(response, type_)
+        return _decode(response, request.type)
 
-    # --- endpoints ------------------------------------------------------------------------
+    # --- endpoints (each request is built by _Requests, shared with Client) -----------------
 
     async def health(self) -> Health:
-        return await self._call("GET", "/health", Health)
+        return cast(Health, await self._send(_Requests.health()))
 
     async def list(self, all: bool = False, status: str | None = None) -> DownloadList:
-        return await self._call(
-            "GET", "/v1/downloads", DownloadList, params=_list_params(all, status)
-        )
+        """Active downloads; ``all=True`` includes ended ones; ``status`` is a comma list."""
+        return cast(DownloadList, await self._send(_Requests.list(all, status)))
 
     async def get(self, model_id: str) -> Download:
-        return await self._call("GET", _path(model_id), Download)
+        return cast(Download, await self._send(_Requests.get(model_id)))
 
     async def create(self, model_id: str, url: str, **opts: Any) -> Download:
-        return await self._call(
-            "POST", "/v1/downloads", Download, json=_create_body(model_id, url, opts)
-        )
+        """Start a download. ``opts``: model_type, sha256, filename, priority,
+        max_bytes_per_second, engine_creation (a dict); None values are left out."""
+        return cast(Download, await self._send(_Requests.create(model_id, url, opts)))
 
     async def pause(self, model_id: str) -> ActionResult:
-        return await self._call("POST", _path(model_id) + "/pause", ActionResult)
+        request = _Requests.action(model_id, "pause", ActionResult)
+        return cast(ActionResult, await self._send(request))
 
     async def resume(self, model_id: str) -> ActionResult:
-        return await self._call("POST", _path(model_id) + "/resume", ActionResult)
+        request = _Requests.action(model_id, "resume", ActionResult)
+        return cast(ActionResult, await self._send(request))
 
     async def cancel(self, model_id: str) -> CancelResult:
-        return await self._call("POST", _path(model_id) + "/cancel", CancelResult)
+        request = _Requests.action(model_id, "cancel", CancelResult)
+        return cast(CancelResult, await self._send(request))
 
     async def cancel_all(self) -> BulkCancelResult:
-        return await self._call("POST", "/v1/downloads/cancel", BulkCancelResult)
+        return cast(BulkCancelResult, await self._send(_Requests.cancel_all()))
 
     async def purge(self, model_id: str, delete_file: bool = False) -> PurgeResult:
-        params = {"purge": "true", "delete_file": "true" if delete_file else "false"}
-        return await self._call("DELETE", _path(model_id), PurgeResult, params=params)
+        """Forget an ended download (and delete its file with ``delete_file``)."""
+        return cast(PurgeResult, await self._send(_Requests.purge(model_id, delete_file)))
 
     async def models(self) -> builtins.list[ModelInfo]:
-        return (await self._call("GET", "/v1/models", _ModelList)).models
+        """The models the server has engines for (or is downloading for one)."""
+        return cast(_ModelList, await self._send(_Requests.models())).models
 
     async def set_priority(self, model_id: str, priority: int) -> Download:
-        return await self._call(
-            "POST", _path(model_id) + "/priority", Download, json={"priority": priority}
-        )
+        return cast(Download, await self._send(_Requests.set_priority(model_id, priority)))
 
     async def set_limit(self, model_id: str, max_bytes_per_second: int) -> Download:
-        return await self._call(
-            "POST",
-            _path(model_id) + "/limit",
-            Download,
-            json={"max_bytes_per_second": max_bytes_per_second},
-        )
+        request = _Requests.set_limit(model_id, max_bytes_per_second)
+        return cast(Download, await self._send(request))
 
     # --- events ---------------------------------------------------------------------------
 
@@ -515,13 +582,14 @@ class AsyncClient:
         self, model_id: str | None, last_event_id: str | int | None, read_timeout: float
     ) -> AsyncGenerator[StreamEvent | None, None]:
         timeout = httpx.Timeout(self._http.timeout.connect, read=read_timeout)
-        params = _events_params(model_id, last_event_id)
+        request = _Requests.events(model_id, last_event_id)
         headers = {"Accept": "text/event-stream"}
         parser = _SseParser()
         try:
             async with self._http.stream(
-                "GET", "/v1/events", params=params, headers=headers, timeout=timeout
-            ) as response:
+                request.method, request.path, params=request.params, headers=headers,
+                timeout=timeout,
+            ) as response:  # fmt: skip
                 if response.is_error:
                     await response.aread()
                     raise ApiError.from_response(response)
@@ -536,15 +604,21 @@ class AsyncClient:
         except httpx.TransportError as exc:
             raise ApiConnectionError(self.server, exc) from exc
 
-    async def follow(self, model_id: str) -> AsyncGenerator[Download, None]:
+    async def follow(
+        self,
+        model_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - as Client.follow
+    ) -> AsyncGenerator[Download, None]:
         """The download's successive states, ending with the terminal one. Follows the event
-        stream and falls back to polling when the stream is unavailable or drops."""
+        stream and falls back to polling when the stream is unavailable or drops;
+        TimeoutError past ``timeout`` seconds."""
+        state = _Follow(model_id, timeout)
         try:
             async with contextlib.aclosing(
-                self._stream(model_id, None, STREAM_READ_TIMEOUT_S)
+                self._stream(model_id, None, state.read_timeout())
             ) as stream:
                 async for item in stream:
-                    if item is None or item.event == "resync":
+                    if item is None or item.event == "resync":  # as in Client.follow
                         current: Download | None = await self.get(model_id)
                     else:
                         current = item.download
@@ -552,15 +626,17 @@ class AsyncClient:
                         yield current
                         if _terminal(current):
                             return
+                    state.check()
         except ApiError as exc:
             if exc.status not in FALL_BACK_TO_POLLING:
                 raise
         while True:
+            state.check()
             current = await self.get(model_id)
             yield current
             if _terminal(current):
                 return
-            await asyncio.sleep(POLL_INTERVAL_S)
+            await asyncio.sleep(state.pause())
 
     async def wait(
         self,
@@ -569,7 +645,7 @@ class AsyncClient:
     ) -> Download:
         """The download once terminal; TimeoutError past ``timeout`` seconds."""
         last: Download | None = None
-        async with asyncio.timeout(timeout), contextlib.aclosing(self.follow(model_id)) as states:
+        async with contextlib.aclosing(self.follow(model_id, timeout)) as states:
             async for state in states:
                 last = state
         assert last is not None  # follow() always yields at least the terminal state

@@ -7,25 +7,33 @@
     │   ├── TransientError          retry with backoff, resuming from the .part file
     │   ├── PermanentError          fail the download now; the message is shown to the user
     │   └── ValidatorChanged        the remote file changed: restart from byte 0
-    ├── DownloadNotFound            no download with that model id
-    ├── DownloadExists              a non-terminal download with that id already exists
+    ├── NotFound                    what the request names does not exist
+    │   └── DownloadNotFound        no download with that model id
+    ├── Conflict                    it exists already, or is not ready yet
+    │   └── DownloadExists          a non-terminal download with that id already exists
     ├── InvalidState                the action is not allowed in the download's status
     ├── InvalidRequest              bad input; ``param`` names the offending field
     └── EngineError                 an engine backend could not build or run an engine
+        └── ModelLoadingFailed      a model file given by path could not be loaded
 
-Kernel errors know nothing about HTTP: the API maps them to status codes in one table.
-Every message is a finished sentence for the user; data lives in attributes.
+Kernel errors know nothing about HTTP: the API maps each class to a status and an error type
+in one table (kernel/api/errors.py). Every error carries ``param`` (the request field it is
+about) and ``code`` (a stable machine-readable reason), both optional. Every message is a
+finished sentence for the user; data lives in attributes.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Conflict",
     "DownloadExists",
     "DownloadNotFound",
     "EngineError",
     "InvalidRequest",
     "InvalidState",
     "KernelError",
+    "ModelLoadingFailed",
+    "NotFound",
     "PermanentError",
     "SourceError",
     "TransientError",
@@ -34,11 +42,19 @@ __all__ = [
 
 
 class KernelError(Exception):
-    """Base of every error the kernel raises on purpose."""
+    """Base of every error the kernel raises on purpose. ``param`` and ``code`` default to
+    the class's own (None unless a subclass says otherwise)."""
 
-    def __init__(self, message: str) -> None:
+    param: str | None = None
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
 
 
 class SourceError(KernelError):
@@ -64,17 +80,28 @@ class ValidatorChanged(SourceError):
     """The remote file is not the one the partial file came from; start again at byte 0."""
 
 
-class DownloadNotFound(KernelError):
+class NotFound(KernelError):
+    """What the request names (a model, a download) does not exist."""
+
+
+class Conflict(KernelError):
+    """What the request would create exists already, or what it needs is not ready yet."""
+
+
+class DownloadNotFound(NotFound):
     def __init__(self, model_id: str) -> None:
-        super().__init__(f"No download found for model ID: {model_id}")
+        super().__init__(f"No download found for model ID: {model_id}", param="model_id")
         self.model_id = model_id
 
 
-class DownloadExists(KernelError):
+class DownloadExists(Conflict):
+    code = "download_exists"
+
     def __init__(self, model_id: str, status: str) -> None:
         super().__init__(
             f"A download for model ID {model_id} is already {status}; "
-            "cancel it first or wait for it to end."
+            "cancel it first or wait for it to end.",
+            param="model_id",
         )
         self.model_id = model_id
         self.status = status
@@ -89,11 +116,17 @@ class InvalidState(KernelError):
 
 
 class InvalidRequest(KernelError):
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+    """Bad input; ``param`` names the offending field."""
 
 
 class EngineError(KernelError):
     """An engine backend failed; the message is the backend's reason."""
+
+    code = "engine_error"
+
+
+class ModelLoadingFailed(EngineError):
+    """A model file the request named could not be loaded (the request's fault, not the
+    server's: the file is not a model the engine can load)."""
+
+    code = "model_loading_failed"

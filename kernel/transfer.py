@@ -54,7 +54,14 @@ from kernel.segments import (
     run_segments,
 )
 from kernel.throttle import TokenBucket
-from kernel.types import DownloadRecord, Probe, RangedSource, Source, VerifyingBackend
+from kernel.types import (
+    DownloadRecord,
+    Probe,
+    RangedSource,
+    Source,
+    VerifyingBackend,
+    now_ms,
+)
 
 __all__ = ["Transfer", "now_ms"]
 
@@ -69,8 +76,8 @@ MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 # Adaptive segmenting (kernel/segments.py): one connection first; more only when it is slow.
 PROBE_S = 0.3  # the one connection is measured over this long, from its first byte
 SPLIT_BELOW_BPS = 128 << 20  # one connection faster than this is a fast link: never split
-SPLIT_DRAINED = 0.25  # split when at least this share of blocks left the socket empty...
-SPLIT_BUSY = 0.35  # ...(bodies that cannot tell: its thread ran or was runnable below this)
+SPLIT_DRAINED = 0.25  # waiting on the network: this share of blocks left the socket empty,
+SPLIT_BUSY = 0.35  # or its thread ran or waited for a CPU less than this share of the time
 # The disk layer: a seam for fault-injection tests (a full disk).
 _disk_usage = shutil.disk_usage
 
@@ -86,10 +93,6 @@ def _busy_s(pump: Pump) -> float:
         except (OSError, ValueError):
             pass
     return pump.busy_s
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Transfer:
@@ -337,15 +340,17 @@ class Transfer:
 
     async def _split_when_slow(self, spawn: Spawn) -> None:
         """The splitting policy: measure the one connection for PROBE_S. When it is slow and
-        the origin, not this machine, is what holds it back (the socket is found drained
-        after most blocks: the data comes slower than it is read), the origin limits each
-        connection: cut the range into ``connections``. A connection that keeps its socket
-        full is CPU-bound here, and more of them would only cost more."""
+        waiting on the network (its socket is often found drained after a block, or its
+        thread is mostly neither running nor runnable), the origin limits each connection:
+        cut the range into ``connections``. A connection that keeps its socket full and its
+        thread busy is CPU-bound here, and more of them would only cost more. (Each signal
+        alone misleads: nginx's limit_rate sends plain http in bursts that leave the socket
+        non-empty, and on a loaded machine a thread waits for a CPU even at 50 MiB/s.)"""
         target = self.settings.connections
         if target <= 1:
             return
         rate, busy, drained = await self._probe(PROBE_S)
-        waiting = busy < SPLIT_BUSY if drained is None else drained >= SPLIT_DRAINED
+        waiting = busy < SPLIT_BUSY or (drained is not None and drained >= SPLIT_DRAINED)
         log.info(
             "download.split_probe", bps=int(rate), busy=round(busy, 2),
             drained=None if drained is None else round(drained, 2),

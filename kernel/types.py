@@ -7,6 +7,7 @@ Protocols describe the objects that plugin hooks return: a ``Source`` fetches by
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -44,12 +45,14 @@ __all__ = [
     "PickingSource",
     "Piece",
     "Probe",
+    "QuarantiningStore",
     "RangedSource",
     "RemoteFile",
     "Sampling",
     "Source",
     "Status",
     "VerifyingBackend",
+    "now_ms",
 ]
 
 Status: TypeAlias = Literal[
@@ -69,6 +72,11 @@ STATUSES: tuple[str, ...] = (
 )
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 ACTIVE: frozenset[str] = frozenset({"queued", "downloading", "paused", "creating_engine"})
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch: the unit of every timestamp in a record."""
+    return time.time_ns() // 1_000_000
 
 
 class EngineSpec(msgspec.Struct, kw_only=True):
@@ -306,6 +314,14 @@ class DownloadStore(Protocol):
     async def put_meta(self, key: str, value: bytes) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class QuarantiningStore(Protocol):
+    """A store that sets aside records it cannot read (instead of failing to start) and
+    lists them, as ``model id: why``; ``GET /ready`` reports them."""
+
+    quarantined: list[str]
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -140,8 +140,11 @@ async def test_sync_client_drives_the_same_endpoints(server: AppServer, origin: 
             assert mk.set_limit("other", 0).max_bytes_per_second is msgspec.UNSET
             assert mk.cancel("other").previous_status in ("downloading", "queued")
             assert mk.purge("other").file_deleted is False
+            # The replay from the start; a progress event may come before the pause's status
+            # (how many bytes arrive before it depends on the machine), so only the first two.
             events = [e.event for e in _first(mk.watch(last_event_id=0), 3)]
-            assert events == ["download.created", "download.status", "download.status"]
+            assert events[:2] == ["download.created", "download.status"]
+            assert events[2] in ("download.status", "download.progress")
             return done, states, mk.cancel_all()
 
     done, states, bulk = await asyncio.to_thread(script)

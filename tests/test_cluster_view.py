@@ -81,3 +81,19 @@ async def test_without_the_shared_store_there_is_no_cluster_view(
 ) -> None:
     assert (await client.get("/v1/cluster/nodes")).status_code == 404
     assert (await client.get("/v1/cluster/downloads")).status_code == 404
+
+
+async def test_the_cluster_view_never_shows_url_credentials(
+    tmp_path: Path, pg_dsn: str, origin: Origin
+) -> None:
+    url = origin.add_file("secret-cluster.bin", b"s" * 10_000).replace("://", "://bob:hunter2@")
+    a = Kernel(node_settings(tmp_path, pg_dsn, "node-a"), load_entrypoints=False)
+    async with AsyncTestClient(app=create_app(a)) as client:
+        await a.downloads.create(model_id="secret", url=url)
+        await completed(a, "secret")
+        await a.downloads.flush()
+        response = await client.get("/v1/cluster/downloads")
+        assert response.status_code == 200, response.text
+        assert "hunter2" not in response.text
+        (file,) = [f for f in response.json()["files"] if "secret-cluster" in f["url"]]
+        assert file["url"].startswith("http://***@127.0.0.1:")

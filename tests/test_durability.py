@@ -4,7 +4,6 @@ land in the order they were made (issue 13 item 5)."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,10 @@ from kernel.core import Kernel
 from kernel.types import DownloadRecord
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for
+from tests.helpers.data import blob
 from tests.helpers.fakes import MemoryStore, MemoryStorePlugin
 from tests.helpers.origin import Origin
 from tests.helpers.server import AppServer, ServerProcess
-
-
-def blob(size: int, seed: int) -> bytes:
-    return hashlib.shake_256(f"durability-{seed}".encode()).digest(size)
 
 
 class GatedStore(MemoryStore):

@@ -42,6 +42,7 @@ from kernel.types import (
     RangedSource,
 )
 from plugins.http_source import HttpSource
+from tests.helpers.data import blob
 from tests.helpers.fakes import (
     EventRecorder,
     MemoryStore,
@@ -75,10 +76,6 @@ def resolve_source(ref, settings):
 def on_event(event):
     EVENTS.append(event)
 '''
-
-
-def blob(size: int) -> bytes:
-    return bytes(i * 7 % 251 for i in range(size))
 
 
 async def wait_status(

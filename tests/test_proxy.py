@@ -4,7 +4,6 @@ http, credentials from the proxy URL, bypass by NO_PROXY."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from kernel._http_wire import open_response, proxy_for
 from kernel.errors import PermanentError
 from kernel.tls import tls_context
 from tests.helpers.api import wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
 from tests.helpers.proxy import Proxy
 from tests.helpers.tls import TestCA
@@ -24,10 +24,6 @@ PROXY_VARS = [
     for base in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
     for name in (base, base.lower())
 ]
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    return hashlib.shake_256(f"proxy-{seed}".encode()).digest(size)
 
 
 @pytest.fixture(autouse=True)

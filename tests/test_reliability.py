@@ -22,11 +22,8 @@ from kernel.core import Kernel
 from kernel.types import TERMINAL
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
-
-
-def blob(size: int, seed: int) -> bytes:
-    return hashlib.shake_256(f"reliability-{seed}".encode()).digest(size)
 
 
 def digest(data: bytes) -> str:

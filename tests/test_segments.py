@@ -4,20 +4,20 @@ origin, simulated by the origin's per-response throttle)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from kernel.api.app import create_app
-from kernel.core import Kernel
 import kernel.segments
 import kernel.transfer
+from kernel.api.app import create_app
+from kernel.core import Kernel
 from kernel.segments import plan_segments
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for, wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
 
 MiB = 1 << 20
@@ -27,10 +27,6 @@ MiB = 1 << 20
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces of 256 KiB (not 4 MiB), so a few MiB at a few MiB/s can be split."""
     monkeypatch.setattr(kernel.segments, "MIN_PIECE", 256 << 10)
-
-
-def blob(size: int, seed: int) -> bytes:
-    return hashlib.shake_256(f"segments-{seed}".encode()).digest(size)
 
 
 def segmented(tmp_path: Path, connections: int = 4) -> AsyncTestClient:  # type: ignore[type-arg]
@@ -80,11 +76,12 @@ async def test_a_fast_connection_is_never_split(
     assert ranges(origin, "fast.bin") == [f"bytes=0-{len(data) - 1}"]
 
 
-async def test_a_connection_that_keeps_its_socket_full_is_never_split(
+async def test_a_connection_that_looks_cpu_bound_is_never_split(
     tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # as if the socket were found full after every block (the reader, not the origin, is slow)
+    # as if the socket were found full after every block and the thread always busy
     monkeypatch.setattr(kernel.transfer, "SPLIT_DRAINED", 2.0)
+    monkeypatch.setattr(kernel.transfer, "SPLIT_BUSY", 0.0)
     data = blob(3 * MiB, 8)
     url = origin.add_file("busy.bin", data)
     origin.faults.throttle_bps = MiB

@@ -3,7 +3,6 @@ models_dir is ever written or removed (issue 13 item 3)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 from pathlib import Path
@@ -17,11 +16,8 @@ from kernel.core import Kernel
 from kernel.types import DownloadRecord
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for, wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
-
-
-def blob(size: int, seed: int) -> bytes:
-    return hashlib.shake_256(f"symlinks-{seed}".encode()).digest(size)
 
 
 async def create(client: Any, model_id: str, url: str) -> dict[str, Any]:

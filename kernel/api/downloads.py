@@ -12,7 +12,7 @@ from litestar.params import Body, FromPath, FromQuery, JSONBody
 
 from kernel.api.deps import Downloads
 from kernel.api.edge import is_slashed_collection
-from kernel.api.errors import ApiError, error_responses
+from kernel.api.errors import error_responses
 from kernel.api.schemas import (
     ActionResult,
     BulkCancelResult,
@@ -33,8 +33,7 @@ from kernel.api.schemas import (
 )
 from kernel.downloads import DownloadManager, validate_model_id
 from kernel.errors import InvalidRequest
-from kernel.transfer import now_ms
-from kernel.types import ACTIVE, TERMINAL, DownloadRecord
+from kernel.types import ACTIVE, TERMINAL, DownloadRecord, now_ms
 
 __all__ = ["DownloadsController"]
 
@@ -209,8 +208,7 @@ class DownloadsController(Controller):
             if data["action"] != "cancel_all" or len(data) != 1:
                 raise InvalidRequest('The only action is "cancel_all".', param="action")
             if is_slashed_collection(request.scope):  # only the exact bulk paths cancel all
-                raise ApiError(
-                    400,
+                raise InvalidRequest(
                     "Cannot extract model ID from request path: the id segment is empty.",
                     param="path",
                     code="invalid_path_format",

@@ -19,16 +19,17 @@ from litestar.openapi import ResponseSpec
 from kernel.api.schemas import ErrorBody, ErrorDetail
 from kernel.config import ConfigError
 from kernel.errors import (
-    DownloadExists,
+    Conflict,
     DownloadNotFound,
     EngineError,
     InvalidRequest,
     InvalidState,
     KernelError,
+    ModelLoadingFailed,
+    NotFound,
 )
 
 __all__ = [
-    "ApiError",
     "error_response",
     "error_responses",
     "handle_error",
@@ -42,14 +43,16 @@ INVALID = "invalid_request_error"
 NOT_FOUND = "not_found_error"
 SERVER = "server_error"
 
-# kernel error class -> (HTTP status, type, code)
-TABLE: dict[type[KernelError], tuple[int, str, str | None]] = {
-    DownloadNotFound: (404, NOT_FOUND, None),
-    DownloadExists: (409, INVALID, "download_exists"),
-    InvalidState: (400, INVALID, None),
-    InvalidRequest: (400, INVALID, None),
-    ConfigError: (400, INVALID, None),
-    EngineError: (500, SERVER, "engine_error"),
+# kernel error class -> (HTTP status, error type); the most specific class in an error's MRO
+# wins. ``param`` and ``code`` come from the error itself (kernel.errors).
+TABLE: dict[type[KernelError], tuple[int, str]] = {
+    NotFound: (404, NOT_FOUND),
+    Conflict: (409, INVALID),
+    InvalidState: (400, INVALID),
+    InvalidRequest: (400, INVALID),
+    ConfigError: (400, INVALID),
+    EngineError: (500, SERVER),
+    ModelLoadingFailed: (422, INVALID),
 }
 
 # What each error status means, for the OpenAPI document (the body is always ErrorBody).
@@ -91,25 +94,6 @@ _MSGSPEC_PATH = re.compile(r"at `\$\.([^`\[]+)")
 _MSGSPEC_FIELD = re.compile(r"field `([^`]+)`")
 
 
-class ApiError(Exception):
-    """An error raised by the API layer itself, already in API terms."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = INVALID,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(message=message, type=type_, param=param, code=code)
-        self.headers = headers or {}
-
-
 def param_of(exc: msgspec.ValidationError) -> str | None:
     """The field a msgspec validation error is about, as a dotted path."""
     text = str(exc)
@@ -127,109 +111,69 @@ def _type_for(status: int) -> str:
     )
 
 
-def to_api_error(
-    request: Request[Any, Any, Any], exc: Exception
-) -> tuple[int, ErrorDetail, dict[str, str]]:
-    """Pure mapping: (status, error detail, extra headers) for any exception."""
-    if isinstance(exc, ApiError):
-        return exc.status, exc.detail, exc.headers
+def _detail(message: str, type_: str = INVALID, *, param: str | None = None,
+            code: str | None = None) -> ErrorDetail:  # fmt: skip
+    return ErrorDetail(message=message, type=type_, param=param, code=code)
+
+
+Mapped = tuple[int, ErrorDetail, dict[str, str]]
+
+
+def _kernel_error(request: Request[Any, Any, Any], exc: KernelError) -> Mapped | None:
     for cls in type(exc).__mro__:
         if cls in TABLE:
-            status, type_, code = TABLE[cls]
-            assert isinstance(exc, KernelError)
-            param = getattr(exc, "param", None)
-            code = getattr(exc, "code", None) or code
-            if isinstance(exc, DownloadNotFound) and request.method == "GET":
-                param, code = "model_id", "download_not_found"
-            if isinstance(exc, DownloadExists):
-                param = "model_id"
-            return status, ErrorDetail(message=exc.message, type=type_, param=param, code=code), {}
+            status, type_ = TABLE[cls]
+            param, code = exc.param, exc.code
+            if isinstance(exc, DownloadNotFound) and request.method != "GET":
+                param, code = None, None  # Kolosal names it only when it was looked up
+            elif isinstance(exc, DownloadNotFound):
+                code = "download_not_found"
+            return status, _detail(exc.message, type_, param=param, code=code), {}
+    return None
+
+
+def _framework_error(request: Request[Any, Any, Any], exc: Exception) -> Mapped | None:
+    """Litestar's and msgspec's own errors, and the router's 404/405, in our shape."""
+    path = request.url.path
+    in_downloads = _DOWNLOADS_PATH.match(path) is not None
     if isinstance(exc, msgspec.ValidationError):
-        return (
-            400,
-            ErrorDetail(
-                message=f"Invalid request body: {exc}", type=INVALID, param=param_of(exc), code=None
-            ),
-            {},
-        )
+        return 400, _detail(f"Invalid request body: {exc}", param=param_of(exc)), {}
     if isinstance(exc, ValidationException):
         return 400, _validation_detail(exc), {}
     if isinstance(exc, RecursionError):  # msgspec's decoder on a body nested too deeply
-        return (
-            400,
-            ErrorDetail(
-                message="Invalid request body: the JSON is nested too deeply.",
-                type=INVALID,
-                param=None,
-                code=None,
-            ),
-            {},
-        )
-    in_downloads = _DOWNLOADS_PATH.match(request.url.path) is not None
-    if in_downloads and _EMPTY_ID.match(request.url.path):
-        return (
-            400,
-            ErrorDetail(
-                message="Cannot extract model ID from request path",
-                type=INVALID,
-                param="path",
-                code="invalid_path_format",
-            ),
-            {},
-        )
+        return 400, _detail("Invalid request body: the JSON is nested too deeply."), {}
+    if in_downloads and _EMPTY_ID.match(path):
+        message = "Cannot extract model ID from request path"
+        return 400, _detail(message, param="path", code="invalid_path_format"), {}
     if isinstance(exc, NotFoundException) and in_downloads:
-        return (
-            400,
-            ErrorDetail(
-                message=f"Invalid endpoint: {request.method} {request.url.path}",
-                type=INVALID,
-                param=None,
-                code="invalid_endpoint",
-            ),
-            {},
-        )
+        message = f"Invalid endpoint: {request.method} {path}"
+        return 400, _detail(message, code="invalid_endpoint"), {}
     if isinstance(exc, NotFoundException):
-        return (
-            404,
-            ErrorDetail(
-                message=f"Not found: {request.url.path}",
-                type=NOT_FOUND,
-                param=None,
-                code="not_found",
-            ),
-            {},
-        )
+        return 404, _detail(f"Not found: {path}", NOT_FOUND, code="not_found"), {}
     if isinstance(exc, MethodNotAllowedException):
-        return (
-            405,
-            ErrorDetail(
-                message=f"Method {request.method} is not allowed on {request.url.path}",
-                type=INVALID,
-                param=None,
-                code="method_not_allowed",
-            ),
-            dict(exc.headers or {}),
-        )
+        message = f"Method {request.method} is not allowed on {path}"
+        return 405, _detail(message, code="method_not_allowed"), dict(exc.headers or {})
     if isinstance(exc, HTTPException):
         message = str(exc.detail)
         if exc.status_code == 413:
-            limit = getattr(request.app, "request_max_body_size", None)
+            limit = request.app.request_max_body_size
             message = (
                 f"The request body is larger than this server accepts ({limit} bytes; "
                 "the limit is the auth.max_body_bytes setting)."
             )
-        detail = ErrorDetail(
-            message=message, type=_type_for(exc.status_code), param=None, code=None
-        )
+        detail = _detail(message, _type_for(exc.status_code))
         return exc.status_code, detail, dict(exc.headers or {})
+    return None
+
+
+def to_api_error(request: Request[Any, Any, Any], exc: Exception) -> Mapped:
+    """Pure mapping: (status, error detail, extra headers) for any exception."""
+    mapped = _kernel_error(request, exc) if isinstance(exc, KernelError) else None
+    mapped = mapped or _framework_error(request, exc)
+    if mapped is not None:
+        return mapped
     log.error("api.internal_error", path=request.url.path, exc_info=exc)
-    return (
-        500,
-        ErrorDetail(
-            message="Server error: Internal processing failed", type=SERVER, param=None, code=None
-        ),
-        {},
-    )
+    return 500, _detail("Server error: Internal processing failed", SERVER), {}
 
 
 def _validation_detail(exc: ValidationException) -> ErrorDetail:

@@ -25,9 +25,9 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from kernel.api.deps import KernelDep
-from kernel.api.errors import NOT_FOUND, ApiError, error_responses, to_api_error
+from kernel.api.errors import error_responses, to_api_error
 from kernel.core import Kernel
-from kernel.errors import InvalidRequest, KernelError
+from kernel.errors import Conflict, InvalidRequest, KernelError, NotFound
 from kernel.types import ACTIVE, Piece, Sampling
 
 __all__ = ["InferenceController"]
@@ -201,16 +201,13 @@ def require_engine(kernel: Kernel, model_id: str) -> None:
             else "It is a regular download, which builds no engine: once it completes, add "
             "the file with POST /v1/models to serve it"
         )
-        raise ApiError(
-            409,
+        raise Conflict(
             f"Model {model_id} is still downloading: {state}. {then}; follow "
             f"GET /v1/downloads/{model_id}.",
             param="model",
             code="model_downloading",
         )
-    raise ApiError(
-        404, f"Model not found: {model_id}", NOT_FOUND, param="model", code="model_not_found"
-    )
+    raise NotFound(f"Model not found: {model_id}", param="model", code="model_not_found")
 
 
 def _sampling(body: CompletionRequest | ChatRequest, max_tokens: int | None) -> Sampling:
@@ -765,7 +762,7 @@ async def _stream_plan(
             for p, index in plan[1:]:
                 async for data in _event_stream(None, pieces(p, index), tracked(index)):
                     yield data
-        except (KernelError, ApiError, msgspec.ValidationError) as exc:
+        except (KernelError, msgspec.ValidationError) as exc:
             yield _error_event(request, exc)
             return
         if include_usage:

@@ -21,11 +21,18 @@ from litestar.params import FromPath, JSONBody
 from msgspec import UNSET, UnsetType
 
 from kernel.api.deps import KernelDep
-from kernel.api.errors import NOT_FOUND, ApiError, error_responses
+from kernel.api.errors import error_responses
 from kernel.core import Kernel
 from kernel.downloads import validate_model_id
 from kernel.engines import AUTO_TYPE, EngineEntry
-from kernel.errors import DownloadExists, EngineError
+from kernel.errors import (
+    Conflict,
+    DownloadExists,
+    EngineError,
+    InvalidRequest,
+    ModelLoadingFailed,
+    NotFound,
+)
 from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineCreated, EngineSpec
 from kernel.validation import redact_url
 
@@ -166,10 +173,8 @@ def _path_id(model_id: str) -> str:
     return model_id
 
 
-def _not_found(model_id: str, param: str) -> ApiError:
-    return ApiError(
-        404, f"Model not found: {model_id}", NOT_FOUND, param=param, code="model_not_found"
-    )
+def _not_found(model_id: str, param: str) -> NotFound:
+    return NotFound(f"Model not found: {model_id}", param=param, code="model_not_found")
 
 
 def _guess_type(model_id: str, url: str) -> str:
@@ -276,8 +281,7 @@ async def _start_download(kernel: Kernel, body: AddModelRequest, spec: EngineSpe
 async def _create_local(kernel: Kernel, body: AddModelRequest, spec: EngineSpec) -> Response[Any]:
     path = await asyncio.to_thread(_existing_path, body.model_path)
     if path is None:
-        raise ApiError(
-            400,
+        raise InvalidRequest(
             f"Model path '{body.model_path}' does not exist. Please verify the path is correct.",
             param="model_path",
             code="model_path_not_found",
@@ -291,7 +295,7 @@ async def _create_local(kernel: Kernel, body: AddModelRequest, spec: EngineSpec)
             body.model_id, path, body.model_type or AUTO_TYPE, spec
         )
     except EngineError as exc:
-        raise ApiError(422, exc.message, param="model_path", code="model_loading_failed") from exc
+        raise ModelLoadingFailed(exc.message, param="model_path") from exc
     seconds = time.monotonic() - started
     kernel.bus.publish(
         EngineCreated(body.model_id, engine.model_type, spec.inference_engine, seconds=seconds)
@@ -356,8 +360,7 @@ class ModelsController(Controller):
         )
         spec = kernel.engines.validate(spec, prefix="")
         if kernel.engines.get(body.model_id) is not None:
-            raise ApiError(
-                409,
+            raise Conflict(
                 f"Model ID '{body.model_id}' is already registered; remove it first with "
                 f"DELETE /v1/models/{body.model_id}.",
                 param="model_id",

@@ -14,8 +14,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from kernel.config import DownloadSettings, Rate
-from kernel.transfer import now_ms
-from kernel.types import DownloadRecord, EngineSpec, FileRecord
+from kernel.types import DownloadRecord, EngineSpec, FileRecord, now_ms
 from kernel.validation import redact_text, redact_url
 
 __all__ = [

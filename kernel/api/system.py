@@ -19,6 +19,7 @@ from kernel.api.errors import error_responses
 from kernel.api.schemas import Health, Readiness, RuntimeSettings
 from kernel.errors import InvalidRequest
 from kernel.metrics import CONTENT_TYPE
+from kernel.types import QuarantiningStore
 
 __all__ = ["MIN_FREE_BYTES", "SettingsController", "SystemController"]
 
@@ -74,7 +75,8 @@ class SystemController(Controller):
         ready = all(value == "ok" for value in checks.values())
         # Records the store could not read were set aside; the rest works, so this is
         # reported without taking the server out of service.
-        quarantined: list[str] = getattr(kernel.store, "quarantined", None) or []
+        store = kernel.store
+        quarantined = store.quarantined if isinstance(store, QuarantiningStore) else []
         checks["records"] = (
             f"{len(quarantined)} unreadable record(s) quarantined: {'; '.join(quarantined[:5])}"
             if quarantined

@@ -20,6 +20,7 @@ from litestar import Controller, get
 from kernel.api.deps import KernelDep
 from kernel.errors import KernelError
 from kernel.types import DownloadRecord
+from kernel.validation import redact_url
 from plugins.pg_store.store import PgStore
 
 __all__ = ["ClusterController", "ClusterFile", "ClusterNode"]
@@ -136,8 +137,8 @@ async def read_files(store: PgStore) -> list[ClusterFile]:
         entry = files.get(key)
         if entry is None:
             entry = files[key] = ClusterFile(
-                file=key,
-                url=rec.url,
+                file=redact_url(key),  # credentials in a URL are never shown
+                url=redact_url(rec.url),
                 sha256=sha,
                 size=rec.total_bytes,
                 nodes=[],
