@@ -33,6 +33,7 @@ from kernel.tls import tls_failure
 __all__ = ["NeedsHttpx", "Response", "open_response", "proxy_for"]
 
 HEAD_LIMIT = 64 * 1024
+CLOCK_EVERY = 4  # reads between looks at the clock (a TLS record each: 64 KiB)
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -143,13 +144,15 @@ class Response:
         size = len(view)
         recv_into = self.sock.recv_into
         deadline = time.monotonic() + flush_s
+        reads = 0
         try:
             while filled < size:
                 n = recv_into(view[filled:])
                 if n == 0:
                     break
                 filled += n
-                if time.monotonic() >= deadline:
+                reads += 1
+                if not reads % CLOCK_EVERY and time.monotonic() >= deadline:
                     break
         except (OSError, ValueError) as exc:  # ValueError: the socket was closed under us
             if not filled:

@@ -171,7 +171,7 @@ class DownloadManager:
         owned = {path for rec in self.records.values() for path in rec.part_paths()}
         for part in self.models_dir.glob("*/*.part"):
             if str(part) not in owned:
-                log.warning("download.orphan_part", path=str(part), bytes=part.stat().st_size)
+                log.warning("download.orphan_part", path=str(part), bytes=part.lstat().st_size)
 
     async def stop(self) -> None:
         """Stop every task; records keep their status so the next start resumes them."""

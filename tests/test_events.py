@@ -294,7 +294,9 @@ async def test_a_stalled_client_never_delays_a_transfer(live: Live, origin: Orig
             seen = await collect(response, ended("timed"))
             took = time.monotonic() - started
         assert seen[-1].data["status"] == "completed"
-        assert took < 1.5, f"0.5 s of throttled transfer took {took:.2f}s"
+        # A publisher blocked by the stalled client would hold the transfer until that client
+        # reads again, which it does only after this; the bound is loose for loaded machines.
+        assert took < 8, f"0.5 s of throttled transfer took {took:.2f}s"
         assert max(sub.queue.qsize() for sub in bus._subscribers) <= 16  # bounded memory
         # Once it reads again, the stalled client is told to resync instead of getting a gap.
         received = b""

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from kernel.api.app import create_app
-from kernel.core import Kernel
+from kernel.core import RUNTIME_SETTINGS_KEY, Kernel
+from plugins.sqlite_store import SqliteStore
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
 from tests.helpers.origin import Origin
@@ -139,6 +141,15 @@ async def test_a_huge_bandwidth_cap_is_refused_naming_the_field(client: Any, ori
     await start(client, "huge", url)
     response = await client.post("/v1/downloads/huge/limit", json={"max_bytes_per_second": huge})
     assert_error(response, 400, "invalid_request_error", param="max_bytes_per_second")
+
+
+async def test_a_huge_cap_saved_by_an_older_server_is_ignored_at_start(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    store = SqliteStore(Path(settings.storage.state_dir) / "modelkernel.db")
+    await store.put_meta(RUNTIME_SETTINGS_KEY, msgspec.json.encode({"max_bytes_per_second": 2**62}))
+    await store.close()
+    async with app_client(tmp_path) as client:
+        assert (await client.get("/v1/settings")).json()["downloads"]["max_bytes_per_second"] == 0
 
 
 def test_a_large_cap_never_sizes_a_large_buffer(tmp_path: Path, origin: Origin) -> None:

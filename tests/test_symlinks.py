@@ -168,3 +168,13 @@ async def test_a_local_path_edited_in_the_store_is_never_written(
         await client.delete("/v1/downloads/evil?purge=true&delete_file=true")
     unchanged(before, tmp_path / "outside")
     assert os.path.exists(tmp_path / "outside" / "target.bin")
+
+
+async def test_a_dangling_orphan_part_link_does_not_stop_the_start(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    orphan = tmp_path / "models" / "orphan" / "gone.bin.part"
+    orphan.parent.mkdir(parents=True)
+    orphan.symlink_to(tmp_path / "nowhere")
+    async with AsyncTestClient(app=create_app(Kernel(settings, load_entrypoints=False))) as client:
+        assert (await client.get("/health/ready")).status_code == 200
+    assert orphan.is_symlink()  # reported, never removed

@@ -189,3 +189,25 @@ def test_a_server_with_only_ssl_cert_file_downloads_from_the_tls_origin(
             body = api.get("/v1/downloads/served").json()
         assert body["status"] == "completed", (body, server.output()[-2000:])
     assert sha(Path(body["local_path"]).read_bytes()) == sha(data)
+
+
+async def test_a_stall_over_tls_is_retried_with_a_range(
+    tmp_path: Path, tls_origin: Origin, trust_ca: None
+) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from kernel.api.app import create_app
+    from kernel.core import Kernel
+
+    data = blob(400_000, 6)
+    url = tls_origin.add_file("stall.bin", data)
+    tls_origin.faults.stall_after = 150_000
+    kernel = Kernel(make_settings(tmp_path, stall_timeout_s=0.5), load_entrypoints=False)
+    async with AsyncTestClient(app=create_app(kernel)) as client:
+        await create(client, "stall", url)
+        done = await wait_status(client, "stall", "completed", "failed", timeout=30)
+    assert done["status"] == "completed", done
+    assert sha(Path(done["local_path"]).read_bytes()) == sha(data)
+    gets = [r for r in tls_origin.requests_for("stall.bin") if r.method == "GET"]
+    assert len(gets) == 2 and gets[1].headers["range"].startswith("bytes=")
+    assert gets[1].headers["range"] != "bytes=0-"
