@@ -8,14 +8,11 @@ read from the manager when ``/metrics`` is scraped, so they are never stale.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kernel.types import STATUSES, DownloadStatus, EngineCreated, Event
-
-if TYPE_CHECKING:
-    from kernel.downloads import DownloadManager
+from kernel.types import STATUSES, DownloadRecord, DownloadStatus, EngineCreated, Event
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -88,13 +85,15 @@ class Metrics:
             case _:
                 pass
 
-    def render(self, downloads: DownloadManager) -> bytes:
+    def render(self, records: Iterable[DownloadRecord], running: int, throttle: int) -> bytes:
+        """The exposition, with the gauges set from the state now: ``records`` (by status),
+        ``running`` transfers and the global ``throttle`` (bytes/s, 0 = none)."""
         counts = dict.fromkeys(STATUSES, 0)
-        for rec in downloads.records.values():
+        for rec in records:
             counts[rec.status] += 1
         for status, count in counts.items():
             self.downloads.labels(status=status).set(count)
-        self.active_transfers.set(downloads.running())
+        self.active_transfers.set(running)
         self.queue_length.set(counts["queued"])
-        self.throttle.set(downloads.settings.downloads.max_bytes_per_second)
+        self.throttle.set(throttle)
         return generate_latest(self.registry)

@@ -92,7 +92,13 @@ class SystemController(Controller):
         responses=error_responses(),
     )
     async def metrics(self, kernel: KernelDep) -> Response[bytes]:
-        return Response(kernel.metrics.render(kernel.downloads), media_type=CONTENT_TYPE)
+        downloads = kernel.downloads
+        body = kernel.metrics.render(
+            downloads.records.values(),
+            downloads.running(),
+            downloads.settings.downloads.max_bytes_per_second,
+        )
+        return Response(body, media_type=CONTENT_TYPE)
 
 
 class SettingsController(Controller):
