@@ -16,7 +16,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from plugins.engine_llamacpp._split import check_split, read_split, shard_name
+from plugins.engine_llamacpp._split import check_split, read_split
+from plugins.hf_source._shards import shard_name
 from kernel.config import DownloadSettings, HubSettings, RetrySettings, Settings, SourcesSettings
 from kernel.errors import PermanentError, TransientError
 from kernel.fileset import FileSetTransfer

@@ -1,4 +1,4 @@
-"""Split GGUF models: shard names and the ``split.*`` metadata checked at verification.
+"""Split GGUF models: the ``split.*`` metadata checked at verification, and the header check.
 
 llama.cpp (``gguf-split``, ``gguf.GGUFWriter(split_max_*)``) writes a large model as
 ``<name>-00001-of-00003.gguf``, ``-00002-of-...``: every shard is a GGUF file whose key/value
@@ -10,42 +10,19 @@ shards, shard ``i`` saying ``split.no = i``.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from typing import BinaryIO
 
 from kernel.errors import PermanentError
 
-__all__ = ["ShardName", "check_gguf_header", "check_split", "read_split", "shard_name"]
+__all__ = ["check_gguf_header", "check_split", "read_split"]
 
-_SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 MAX_KV = 1 << 20  # more keys than any real header: a corrupt file, not a model
 # Sizes of the fixed-width GGUF value types, by type id; 8 = string, 9 = array.
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _INT_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (1, 2, 3)
-
-
-class ShardName:
-    """What a shard's file name says: ``prefix-NNNNN-of-MMMMM.gguf`` (``no`` is 1-based)."""
-
-    __slots__ = ("count", "no", "prefix")
-
-    def __init__(self, prefix: str, no: int, count: int) -> None:
-        self.prefix, self.no, self.count = prefix, no, count
-
-
-def shard_name(path: str) -> ShardName | None:
-    """The shard a path names (its last component), or None for any other file."""
-    match = _SHARD.match(path.rsplit("/", 1)[-1])
-    if match is None:
-        return None
-    no, count = int(match["no"]), int(match["count"])
-    if not 1 <= no <= count:
-        return None
-    prefix = path[: len(path) - len(match.group(0))] + match["prefix"]
-    return ShardName(prefix, no, count)
 
 
 def _read(f: BinaryIO, n: int) -> bytes:

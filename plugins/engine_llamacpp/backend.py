@@ -37,7 +37,7 @@ from kernel.errors import EngineError, InvalidRequest
 from kernel.types import EngineSpec, Piece, Sampling
 from plugins.engine_llamacpp._gguf import GgufInfo, find_model_file, infer_model_type, read_gguf
 from plugins.engine_llamacpp._params import check_parameters, llama_kwargs
-from plugins.engine_llamacpp._split import check_gguf_header, check_split, shard_name
+from plugins.engine_llamacpp._split import check_gguf_header, check_split
 
 __all__ = ["LlamaCppBackend", "LlamaCppEngine"]
 
@@ -89,9 +89,11 @@ class LlamaCppBackend:
         return next((p for p in paths if p.lower().endswith(".gguf")), None)
 
     def verify_set(self, paths: list[str]) -> None:
-        """The shards of a split GGUF must be exactly one model's, in order. Blocking."""
-        if len(paths) > 1 and all(shard_name(p) is not None for p in paths):
-            check_split(paths)
+        """Several GGUFs in one download must be the shards of one split model, all of
+        them, in order (their ``split.*`` header keys say so). Blocking."""
+        ggufs = [p for p in paths if p.lower().endswith(".gguf")]
+        if len(ggufs) > 1:
+            check_split(ggufs)
 
     async def create(
         self, model_id: str, path: str, model_type: str, spec: EngineSpec
