@@ -16,6 +16,7 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -409,6 +410,47 @@ async def _collect(pieces: AsyncGenerator[Piece, None], choice: _Choice) -> _Cho
     return choice
 
 
+async def _run_plan(
+    request: Request[Any, Any, Any],
+    plan: list[tuple[int, int]],
+    pieces: Callable[[int, int], AsyncGenerator[Piece, None]],
+) -> list[_Choice] | None:
+    """Every (prompt, choice) of ``plan`` collected in turn; None if the client went away."""
+
+    async def run() -> list[_Choice]:
+        return [await _collect(pieces(p, index), _Choice(index)) for p, index in plan]
+
+    try:
+        return await _unless_gone(request, run())
+    except _ClientGone:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """What every chunk of one streamed answer repeats around its choice."""
+
+    ident: str
+    kind: str
+    created: int
+    model: str
+    include_usage: bool
+
+    def wrap(self, choice: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+        """A chunk carrying ``choice`` (none: the closing usage chunk's empty list)."""
+        out: dict[str, Any] = {
+            "id": self.ident,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.model,
+            **extra,
+            "choices": [] if choice is None else [choice],
+        }
+        if self.include_usage and choice is not None:
+            out["usage"] = None
+        return out
+
+
 def _usage(choices: list[_Choice], n: int) -> Usage:
     """Prompt tokens once per prompt (the first of its n choices), completion tokens all."""
     prompt = sum(c.last.prompt_tokens for i, c in enumerate(choices) if i % n == 0)
@@ -524,44 +566,22 @@ class InferenceController(Controller):
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+            envelope = _Envelope(ident, "text_completion", created, body.model, include_usage)
+
             def chunk(index: int, piece: Piece) -> dict[str, Any]:
-                out: dict[str, Any] = {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [
-                        {
-                            "text": piece.text,
-                            "index": index,
-                            "logprobs": piece.logprobs,
-                            "finish_reason": piece.finish_reason,
-                        }
-                    ],
-                }
-                if include_usage:
-                    out["usage"] = None
-                return out
+                return envelope.wrap(
+                    {
+                        "text": piece.text,
+                        "index": index,
+                        "logprobs": piece.logprobs,
+                        "finish_reason": piece.finish_reason,
+                    }
+                )
 
-            return await _stream_plan(
-                request,
-                plan,
-                pieces,
-                chunk,
-                include_usage,
-                ident,
-                created,
-                body.model,
-                "text_completion",
-                n,
-            )
+            return await _stream_plan(request, plan, pieces, chunk, envelope, n)
 
-        async def run() -> list[_Choice]:
-            return [await _collect(pieces(p, index), _Choice(index)) for p, index in plan]
-
-        try:
-            choices = await _unless_gone(request, run())
-        except _ClientGone:
+        choices = await _run_plan(request, plan, pieces)
+        if choices is None:
             return _gone_response()
         return Response(
             TextCompletion(
@@ -610,6 +630,7 @@ class InferenceController(Controller):
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            envelope = _Envelope(ident, "chat.completion.chunk", created, body.model, include_usage)
             started: set[int] = set()
 
             def chunk(index: int, piece: Piece) -> dict[str, Any] | None:
@@ -621,46 +642,20 @@ class InferenceController(Controller):
                     delta["content"] = piece.text
                 if not delta and piece.finish_reason is None:
                     return None
-                out: dict[str, Any] = {
-                    "id": ident,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": body.model,
-                    "system_fingerprint": None,
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": delta,
-                            "logprobs": _chat_logprobs(piece.logprobs, top)
-                            if body.logprobs
-                            else None,
-                            "finish_reason": piece.finish_reason,
-                        }
-                    ],
-                }
-                if include_usage:
-                    out["usage"] = None
-                return out
+                return envelope.wrap(
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": _chat_logprobs(piece.logprobs, top) if body.logprobs else None,
+                        "finish_reason": piece.finish_reason,
+                    },
+                    system_fingerprint=None,
+                )
 
-            return await _stream_plan(
-                request,
-                plan,
-                pieces,
-                chunk,
-                include_usage,
-                ident,
-                created,
-                body.model,
-                "chat.completion.chunk",
-                n,
-            )
+            return await _stream_plan(request, plan, pieces, chunk, envelope, n)
 
-        async def run() -> list[_Choice]:
-            return [await _collect(pieces(p, index), _Choice(index)) for p, index in plan]
-
-        try:
-            choices = await _unless_gone(request, run())
-        except _ClientGone:
+        choices = await _run_plan(request, plan, pieces)
+        if choices is None:
             return _gone_response()
         return Response(
             ChatCompletion(
@@ -725,11 +720,7 @@ async def _stream_plan(
     plan: list[tuple[int, int]],
     pieces: Callable[[int, int], AsyncGenerator[Piece, None]],
     chunk: Callable[[int, Piece], Any | None],
-    include_usage: bool,
-    ident: str,
-    created: int,
-    model: str,
-    kind: str,
+    envelope: _Envelope,
     n: int,
 ) -> Response[Any]:
     """The SSE response for every (prompt, choice) of ``plan``, one after another. The first
@@ -765,23 +756,13 @@ async def _stream_plan(
         except (KernelError, msgspec.ValidationError) as exc:
             yield _error_event(request, exc)
             return
-        if include_usage:
+        if envelope.include_usage:
             prompt = sum(e.prompt_tokens for i, e in enumerate(ends) if i % n == 0)
             completion = sum(e.completion_tokens for e in ends)
-            yield _sse(
-                {
-                    "id": ident,
-                    "object": kind,
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": completion,
-                        "total_tokens": prompt + completion,
-                    },
-                }
+            usage = Usage(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
             )
+            yield _sse({**envelope.wrap(None), "usage": msgspec.to_builtins(usage)})
         yield b"data: [DONE]\n\n"
 
     return Stream(

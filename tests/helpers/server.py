@@ -94,6 +94,10 @@ class ServerProcess:
     def _environ(self) -> dict[str, str]:
         # Hermetic: the developer's MODELKERNEL_* settings never leak into a test server.
         environ = {k: v for k, v in os.environ.items() if not k.startswith("MODELKERNEL_")}
+        # The server runs this checkout's code, whichever checkout the venv was installed from.
+        root = str(Path(__file__).resolve().parents[2])
+        inherited = environ.get("PYTHONPATH")
+        environ["PYTHONPATH"] = root + (os.pathsep + inherited if inherited else "")
         for key, value in self.env.items():
             if key == "PYTHONPATH" and environ.get("PYTHONPATH"):
                 value = value + os.pathsep + environ["PYTHONPATH"]
