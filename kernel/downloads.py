@@ -127,8 +127,6 @@ class DownloadManager:
         self._seq = 0
         self._stopping = False
         self._held = 0  # > 0 while a bulk cancel runs: nothing new starts
-        # The API layer's encoded views of ended downloads (they never change), by model id.
-        self.view_cache: dict[str, tuple[object, msgspec.Raw]] = {}
         self.bucket = TokenBucket(lambda: self.settings.downloads.max_bytes_per_second)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -381,7 +379,6 @@ class DownloadManager:
                 for path in rec.part_paths():
                     await self._remove(path)
             del self.records[model_id]
-            self.view_cache.pop(model_id, None)
             self.writer.delete(model_id)  # after every save queued for it, never before
             await self.writer.wait(model_id)
             log.info("download.purged", model_id=model_id, file_deleted=deleted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Annotated, Any, TypeAlias
 
 import msgspec
@@ -118,11 +119,22 @@ def _encoded_item(
             _ENCODER.encode(_view(downloads, rec, detail=False, now=now, positions=positions))
         )
     key = (rec.seq, rec.status, rec.end_time)
-    cached = downloads.view_cache.get(rec.model_id)
+    views = _VIEWS.setdefault(downloads, {})
+    cached = views.get(rec.model_id)
     if cached is None or cached[0] != key:
         cached = (key, msgspec.Raw(_ENCODER.encode(_view(downloads, rec, detail=False, now=now))))
-        downloads.view_cache[rec.model_id] = cached
+        if len(views) > 2 * len(downloads.records) + 64:  # purged ids: drop the leftovers
+            for gone in views.keys() - downloads.records.keys():
+                del views[gone]
+        views[rec.model_id] = cached
     return cached[1]
+
+
+# Presentation state, kept by the API: each manager's encoded views of ended downloads (they
+# never change), by model id, keyed on what could replace them (a new download with the id).
+_VIEWS: weakref.WeakKeyDictionary[DownloadManager, dict[str, tuple[object, msgspec.Raw]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _cancel_all(downloads_result: Any) -> BulkCancelResult:
