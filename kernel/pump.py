@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from kernel._files import disk_error, pwrite_all
 from kernel.errors import PermanentError
-from kernel.types import BlockingBody
+from kernel.types import BlockingBody, QueuingBody
 
 __all__ = ["BlockingBody", "Pump", "is_blocking", "run_in_thread"]
 
@@ -171,7 +171,7 @@ class Pump:
         cpu_start = time.thread_time()
         self.tid = threading.get_native_id()
         body, stop = self.body, self.stop
-        queued = getattr(body, "queued", None)  # optional: bytes waiting in the socket
+        queued = body.queued if isinstance(body, QueuingBody) else None  # bytes in the socket
         while not stop.is_set():
             with self._lock:
                 want = self.block_size()

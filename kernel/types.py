@@ -46,6 +46,7 @@ __all__ = [
     "Piece",
     "Probe",
     "QuarantiningStore",
+    "QueuingBody",
     "RangedSource",
     "RemoteFile",
     "Sampling",
@@ -317,6 +318,14 @@ class DownloadStore(Protocol):
     async def put_meta(self, key: str, value: bytes) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class QueuingBody(Protocol):
+    """A BlockingBody that can say how many bytes already wait in its socket, so the pump
+    reads them without blocking before it writes what it holds."""
+
+    def queued(self) -> int: ...
 
 
 @runtime_checkable

@@ -43,7 +43,7 @@ from kernel.httpclient import HttpSource
 from kernel.netpolicy import NetPolicy, guarded_transport
 from kernel.pump import is_blocking
 from kernel.tls import tls_context, tls_failure
-from kernel.types import Body, Probe
+from kernel.types import Body, Probe, QueuingBody
 from plugins.hf_source._errors import check_hub_response
 from plugins.hf_source._ref import HubRef, has_glob, read_token_file
 from plugins.hf_source._shards import shard_name
@@ -130,8 +130,8 @@ class HubBody:
         if is_blocking(inner):
             self.readinto_blocking = self._readinto_blocking
             self.interrupt = inner.interrupt  # type: ignore[attr-defined]
-            if callable(getattr(inner, "queued", None)):
-                self.queued = inner.queued  # type: ignore[attr-defined]
+            if isinstance(inner, QueuingBody):
+                self.queued = inner.queued
 
     def _readinto_blocking(self, view: memoryview, flush_s: float) -> int:
         try:
