@@ -78,6 +78,7 @@ PROBE_S = 0.3  # the one connection is measured over this long, from its first b
 SPLIT_BELOW_BPS = 128 << 20  # one connection faster than this is a fast link: never split
 SPLIT_DRAINED = 0.25  # waiting on the network: this share of blocks left the socket empty,
 SPLIT_BUSY = 0.35  # or its thread ran or waited for a CPU less than this share of the time
+SPLIT_PROBES = 5  # probes before the one connection is left alone (one noisy probe must not decide)
 # The disk layer: a seam for fault-injection tests (a full disk).
 _disk_usage = shutil.disk_usage
 
@@ -349,14 +350,18 @@ class Transfer:
         target = self.settings.connections
         if target <= 1:
             return
-        rate, busy, drained = await self._probe(PROBE_S)
-        waiting = busy < SPLIT_BUSY or (drained is not None and drained >= SPLIT_DRAINED)
-        log.info(
-            "download.split_probe", bps=int(rate), busy=round(busy, 2),
-            drained=None if drained is None else round(drained, 2),
-        )  # fmt: skip
-        if rate < SPLIT_BELOW_BPS and waiting:
-            self._split_to(target, spawn)
+        for _ in range(SPLIT_PROBES):
+            rate, busy, drained = await self._probe(PROBE_S)
+            waiting = busy < SPLIT_BUSY or (drained is not None and drained >= SPLIT_DRAINED)
+            log.info(
+                "download.split_probe", bps=int(rate), busy=round(busy, 2),
+                drained=None if drained is None else round(drained, 2),
+            )  # fmt: skip
+            if rate >= SPLIT_BELOW_BPS:
+                return  # a fast link: one stream is the cheapest
+            if waiting:
+                self._split_to(target, spawn)
+                return
 
     def _live(self) -> tuple[int, float, int, int]:
         """Bytes on disk in this run (including blocks the loop has not been told of yet),

@@ -4,6 +4,7 @@ origin, simulated by the origin's per-response throttle)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,30 @@ async def test_a_connection_that_looks_cpu_bound_is_never_split(
         done = await wait_status(client, "busy", "completed", timeout=60)
     assert Path(done["local_path"]).read_bytes() == data
     assert ranges(origin, "busy.bin") == [f"bytes=0-{len(data) - 1}"]
+
+
+async def test_one_probe_that_looks_cpu_bound_does_not_decide_for_good(
+    tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a loaded machine can make one probe of a slow connection look CPU-bound; the next
+    # probe, seeing it wait on the network, still splits it
+    probes: list[int] = []
+
+    async def probe(self: kernel.transfer.Transfer, seconds: float) -> tuple[float, float, float]:
+        await asyncio.sleep(seconds)
+        probes.append(1)
+        return (1.0, 1.0, 0.0) if len(probes) == 1 else (1.0, 0.0, 1.0)
+
+    monkeypatch.setattr(kernel.transfer.Transfer, "_probe", probe)
+    data = blob(3 * MiB, 9)
+    url = origin.add_file("noisy.bin", data)
+    origin.faults.throttle_bps = MiB
+    async with segmented(tmp_path) as client:
+        await start(client, "noisy", url)
+        done = await wait_status(client, "noisy", "completed", timeout=60)
+    assert Path(done["local_path"]).read_bytes() == data
+    assert len(probes) == 2
+    assert len(ranges(origin, "noisy.bin")) == 4
 
 
 async def test_small_files_stay_on_one_connection(tmp_path: Path, origin: Origin) -> None:
