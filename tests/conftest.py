@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.origin import Origin
+from tests.helpers.tls import TestCA
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,19 @@ def origin(origin_server: Origin) -> Iterator[Origin]:
         yield origin_server
     finally:
         origin_server.reset()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """A test certificate authority for one test module."""
+    return TestCA(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="module")
+def tls_server(ca: TestCA) -> Iterator[Origin]:
+    """An HTTPS origin whose certificate ``ca`` issued (reset by the module's own fixture)."""
+    with Origin(tls=ca.issue("origin")) as server:
+        yield server
 
 
 # --- the app over a real kernel (SQLite in tmp_path, builtin plugins) ------------------------

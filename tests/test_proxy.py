@@ -32,17 +32,6 @@ def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return TestCA(tmp_path_factory.mktemp("proxy-ca"))
-
-
-@pytest.fixture(scope="module")
-def tls_server(ca: TestCA) -> Iterator[Origin]:
-    with Origin(tls=ca.issue("origin")) as server:
-        yield server
-
-
 @pytest.fixture
 def tls_origin(tls_server: Origin, monkeypatch: pytest.MonkeyPatch, ca: TestCA) -> Iterator[Origin]:
     monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca_file))

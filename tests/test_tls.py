@@ -28,17 +28,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return TestCA(tmp_path_factory.mktemp("ca"))
-
-
-@pytest.fixture(scope="module")
-def tls_server(ca: TestCA) -> Iterator[Origin]:
-    with Origin(tls=ca.issue("origin")) as server:
-        yield server
-
-
 @pytest.fixture
 def tls_origin(tls_server: Origin) -> Iterator[Origin]:
     try:
