@@ -4,7 +4,6 @@ says what went wrong, never an internal error (issue 13, item 10)."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Any
 
 import pytest
 
-import kernel._files
 from kernel.api.app import create_app
 from kernel.config import Settings
 from kernel.core import Kernel
 from tests.helpers.api import assert_error, wait_status
+from tests.helpers.disk import fill_disk_after
 from tests.helpers.origin import Origin
 from tests.helpers.server import AppServer
 
@@ -165,16 +164,7 @@ async def test_a_full_disk_does_not_promise_a_resume_when_the_origin_has_no_rang
     client: Any, origin: Origin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = origin.add_file("noranges.bin", b"n" * (3 << 20))
-    real = os.pwrite
-    written = {"n": 0}
-
-    def pwrite_until_full(fd: int, view: Any, pos: int) -> int:
-        if written["n"] >= 1 << 20:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written["n"] += len(view)
-        return real(fd, view, pos)
-
-    monkeypatch.setattr(kernel._files, "_pwrite", pwrite_until_full)
+    fill_disk_after(monkeypatch, 1 << 20)
     origin.faults.no_ranges = True
     origin.faults.throttle_bps = 4 << 20  # several writes, so the disk fills mid-file
     await client.post("/v1/downloads", json={"model_id": "nr", "url": url})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import random
@@ -23,6 +22,7 @@ from kernel.types import TERMINAL
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
 from tests.helpers.data import blob
+from tests.helpers.disk import fill_disk_after
 from tests.helpers.origin import Origin
 
 
@@ -131,16 +131,7 @@ async def test_enospc_fails_keeps_the_part_and_a_later_create_resumes(
 ) -> None:
     data = blob(3 << 20, 4)
     url = origin.add_file("full.bin", data)
-    real = os.pwrite
-    written = {"n": 0}
-
-    def pwrite_until_full(fd: int, view: Any, pos: int) -> int:
-        if written["n"] >= 1 << 20:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written["n"] += len(view)
-        return real(fd, view, pos)
-
-    monkeypatch.setattr(kernel._files, "_pwrite", pwrite_until_full)
+    fill_disk_after(monkeypatch, 1 << 20)
     origin.faults.throttle_bps = 4 << 20
     await start(client, "full", url)
     failed = await wait_status(client, "full", "failed")
@@ -149,7 +140,7 @@ async def test_enospc_fails_keeps_the_part_and_a_later_create_resumes(
     kept = part.stat().st_size
     assert kept >= 1 << 20 and not Path(failed["local_path"]).exists()
 
-    monkeypatch.setattr(kernel._files, "_pwrite", real)
+    monkeypatch.setattr(kernel._files, "_pwrite", os.pwrite)  # the disk has room again
     origin.faults.throttle_bps = None
     origin.requests.clear()
     await start(client, "full", url)
