@@ -192,8 +192,12 @@ def test_the_dashboard_shows_and_controls_live_downloads(
             ),
             "everything cancelled",
         )
+        # an earlier notice ("Started ...") may still be showing: wait for this one's text
         page.locator("#notice:not([hidden])").wait_for()
-        assert page.locator("#notice").inner_text() == "Cancelled 2 download(s)"
+        eventually(
+            lambda: page.locator("#notice").inner_text() == "Cancelled 2 download(s)",
+            "the cancel-all notice",
+        )
         assert dialogs == [("confirm", "Are you sure you want to cancel ALL active downloads?")]
     finally:
         api.close()

@@ -141,11 +141,15 @@ async def test_pause_and_resume_cover_every_shard(
     client: Any, hub: Hub, origin: Origin, tmp_path: Path, shards: dict[str, bytes]
 ) -> None:
     hub.add_repo("owner/split", shards)
-    origin.faults.throttle_bps = 40_000  # each CDN body
+    # each CDN body; slow enough that a poll on a loaded machine sees the 20-80 % window
+    origin.faults.throttle_bps = 20_000
     await create(client, "tiny", "hf://owner/split", filename=f"{STEM}-*.gguf")
     total = sum(len(b) for b in shards.values())
     await wait_for(
-        client, "tiny", lambda b: total * 0.2 < b["progress"]["downloaded_bytes"] < total * 0.8
+        client,
+        "tiny",
+        lambda b: total * 0.2 < b["progress"]["downloaded_bytes"] < total * 0.8,
+        30,
     )
     assert (await client.post("/v1/downloads/tiny/pause")).status_code == 200
     paused = (await client.get("/v1/downloads/tiny")).json()
