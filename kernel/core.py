@@ -90,7 +90,7 @@ class Kernel:
             self._store = self.plugins.open_store()
             await self._load_runtime_settings()
             self._downloads = DownloadManager(
-                self.settings, self.plugins, self._store, self.bus, self.engines, self.metrics
+                self.settings, self.plugins, self._store, self.bus, self.engines
             )
             await self._downloads.start()
             self._lag_watch = asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag")

@@ -63,7 +63,6 @@ from kernel.validation import validate_filename, validate_model_id, validate_url
 
 if TYPE_CHECKING:
     from kernel.engines import EngineRegistry
-    from kernel.metrics import Metrics
     from kernel.plugins import Plugins
 
 __all__ = [
@@ -106,10 +105,8 @@ class DownloadManager:
         store: DownloadStore,
         bus: EventBus,
         engines: EngineRegistry,
-        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics
         self.plugins = plugins
         self.store = store
         self.bus = bus
@@ -552,8 +549,7 @@ class DownloadManager:
                     "on_progress": self._on_progress,
                     "on_finalizing": lambda: self._phase.__setitem__(model_id, "finalizing"),
                     "shared_bucket": self.bucket,
-                    "on_bytes": self._on_bytes,
-                    "on_retry": self._on_retry,
+                    "on_retry": self.bus.publish,
                     "verifier": self.engines.verifier(rec.engine),
                 }
                 if rec.files is not None:
@@ -640,14 +636,6 @@ class DownloadManager:
         if now - self._last_checkpoint.get(rec.model_id, 0.0) >= CHECKPOINT_INTERVAL_S:
             self._last_checkpoint[rec.model_id] = now
             self._persist(rec)
-
-    def _on_bytes(self, n: int) -> None:
-        if self.metrics is not None:
-            self.metrics.bytes_received.inc(n)
-
-    def _on_retry(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.retries.labels(reason=reason).inc()
 
     # --- paths: everything the kernel writes or removes is inside models_dir -------------------
 

@@ -56,6 +56,7 @@ from kernel.segments import (
 from kernel.throttle import TokenBucket
 from kernel.types import (
     DownloadRecord,
+    DownloadRetry,
     Probe,
     RangedSource,
     Source,
@@ -108,8 +109,7 @@ class Transfer:
         on_progress: Callable[[DownloadRecord], None] = lambda _r: None,
         on_finalizing: Callable[[], None] = lambda: None,
         shared_bucket: TokenBucket | None = None,
-        on_bytes: Callable[[int], None] = lambda _n: None,
-        on_retry: Callable[[str], None] = lambda _reason: None,
+        on_retry: Callable[[DownloadRetry], None] = lambda _event: None,
         on_block: Callable[[int, memoryview], None] | None = None,
         verifier: VerifyingBackend | None = None,
     ) -> None:
@@ -122,8 +122,7 @@ class Transfer:
         self.probe: Probe | None = None
         self.transferred = 0  # bytes received over the network in this run
         self._hasher: Any = None  # running sha256 of the part, when a digest is expected
-        self.on_bytes = on_bytes
-        self.on_retry = on_retry
+        self.on_retry = on_retry  # each transient fault, before its backoff
         self._segments_ok = True
         # The furthest the file has ever got in this run: only bytes beyond it are progress.
         self._high_water = record.downloaded_bytes
@@ -207,7 +206,15 @@ class Transfer:
             reason=exc.reason,
             error=exc.message,
         )
-        self.on_retry(exc.reason)
+        self.on_retry(
+            DownloadRetry(
+                model_id=rec.model_id,
+                attempt=rec.attempts,
+                reason=exc.reason,
+                error=exc.message,
+                delay_s=round(delay, 2),
+            )
+        )
         self.on_progress(rec)
         await asyncio.sleep(min(delay, 300.0))
 
@@ -442,7 +449,6 @@ class Transfer:
         def progress(delta: int) -> None:
             rec.downloaded_bytes += delta
             self.transferred += delta
-            self.on_bytes(delta)
             writeback.wrote(delta)
             self.on_progress(rec)
 
@@ -562,7 +568,7 @@ class Transfer:
         elif current is None or rec.file_validator != current:
             return False
         rec.file_validator = current
-        rec.downloaded_bytes = size
+        rec.downloaded_bytes = rec.run_start_bytes = size  # in place, not received in this run
         log.info("download.already_present", path=rec.local_path)
         return True
 

@@ -192,6 +192,22 @@ async def test_metrics_count_a_completed_download_and_parse(client: Any, origin:
     assert "/v1/downloads/{model_id}" in routes
 
 
+async def test_metrics_count_a_retry_and_every_byte_once_across_a_resume(
+    client: Any, origin: Origin
+) -> None:
+    # The body is cut after 200 000 bytes: one retry, which resumes from the .part, so each
+    # byte of the file lands once (the counters follow the bus, not the transfer).
+    data = b"r" * 500_000
+    origin.faults.short_body = 200_000
+    await start(client, "resumed", origin.add_file("resumed.bin", data))
+    await wait_status(client, "resumed", "completed")
+    families = {f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    received = [s.value for s in families["modelkernel_bytes_received"].samples if s.name.endswith("_total")]
+    assert received == [len(data)]
+    retries = [s for s in families["modelkernel_retries"].samples if s.name.endswith("_total")]
+    assert [s.value for s in retries] == [1]
+
+
 async def test_metrics_need_a_key_unless_public(tmp_path: Path) -> None:
     from kernel.config import AuthSettings, Settings
 
