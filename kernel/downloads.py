@@ -26,7 +26,7 @@ import structlog
 
 from kernel._files import remove
 from kernel._saves import RecordWriter
-from kernel.config import MAX_RATE, DownloadSettings, Settings
+from kernel.config import MAX_RATE, Settings
 from kernel.errors import (
     DownloadExists,
     DownloadNotFound,
@@ -407,12 +407,13 @@ class DownloadManager:
             await self.writer.wait(model_id)
             return rec
 
-    async def apply_settings(self, downloads: DownloadSettings) -> None:
-        """Adopt new ``downloads`` settings at run time, in place so running transfers see
-        them: more slots start queued downloads; fewer send the newest back to the queue."""
-        current = self.settings.downloads
-        for field in msgspec.structs.fields(DownloadSettings):
-            setattr(current, field.name, getattr(downloads, field.name))
+    async def apply_settings(self, settings: Settings) -> None:
+        """Adopt new settings at run time (the kernel replaces them whole; nothing is changed
+        in place). New transfers start with them; running ones keep theirs, except the
+        global cap, which they read from the shared bucket. More slots start queued
+        downloads; fewer send the newest back to the queue."""
+        self.settings = settings
+        current = settings.downloads
         running = sorted(
             (self.records[m] for m, p in self._phase.items() if p == "transfer"),
             key=lambda r: (-r.priority, r.seq),

@@ -116,7 +116,7 @@ class Transfer:
         self.rec = record
         self.verifier = verifier  # checks the complete file before it is renamed into place
         self.source = source
-        self.settings = settings
+        self.settings = settings  # as they were at the start; the global cap is live instead
         self.on_progress = on_progress
         self.on_finalizing = on_finalizing
         self.probe: Probe | None = None
@@ -296,7 +296,7 @@ class Transfer:
             self._segments_ok
             and self.settings.connections > 1
             and not self.rec.max_bytes_per_second  # a capped download gains nothing from more
-            and not self.settings.max_bytes_per_second
+            and not self._global_cap()
             and probe.accept_ranges
             and probe.size is not None
             and probe.size >= self.settings.segment_min_bytes
@@ -423,11 +423,15 @@ class Transfer:
     def _read_cap(self) -> int:
         """Bytes to read before throttling: a flush interval's worth of the tightest cap,
         never more than ``WRITE_BLOCK`` (a huge cap must not size a huge buffer)."""
-        shared = self.settings.max_bytes_per_second if self._shared_bucket is not None else 0
-        caps = [cap for cap in (self.rec.max_bytes_per_second, shared) if cap > 0]
+        caps = [cap for cap in (self.rec.max_bytes_per_second, self._global_cap()) if cap > 0]
         if not caps:
             return WRITE_BLOCK
         return min(WRITE_BLOCK, max(64 * 1024, int(min(caps) * FLUSH_S)))
+
+    def _global_cap(self) -> int:
+        """The cap shared by every download, read live from its bucket: ``settings`` is the
+        snapshot this transfer started with, and the cap may change while it runs."""
+        return self._shared_bucket.rate if self._shared_bucket is not None else 0
 
     async def _pump(
         self,
