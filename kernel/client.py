@@ -133,7 +133,9 @@ class _ModelList(msgspec.Struct, kw_only=True):
 
 class StreamEvent(msgspec.Struct, kw_only=True):
     """One Server-Sent Event: ``event`` is ``download.created``, ``download.status``,
-    ``download.progress``, ``engine.created`` or ``resync`` (refetch; events were lost)."""
+    ``download.progress`` (``data`` is a Download), ``engine.created`` (an EngineInfo),
+    ``download.retry`` (``{model_id, attempt, reason, error, delay_s}``) or ``resync``
+    (refetch; events were lost)."""
 
     id: str | None
     event: str
@@ -177,9 +179,12 @@ class _SseParser:
         return None
 
 
+_DOWNLOAD_EVENTS = frozenset({"download.created", "download.status", "download.progress"})
+
+
 def _decode_event(id_: str | None, name: str, data: str) -> StreamEvent:
     value: Download | EngineInfo | dict[str, Any]
-    if name.startswith("download."):
+    if name in _DOWNLOAD_EVENTS:
         value = msgspec.json.decode(data, type=Download)
     elif name == "engine.created":
         value = msgspec.json.decode(data, type=EngineInfo)

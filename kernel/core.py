@@ -90,7 +90,7 @@ class Kernel:
             self._store = self.plugins.open_store()
             await self._load_runtime_settings()
             self._downloads = DownloadManager(
-                self.settings, self.plugins, self._store, self.bus, self.engines, self.metrics
+                self.settings, self.plugins, self._store, self.bus, self.engines
             )
             await self._downloads.start()
             self._lag_watch = asyncio.create_task(self.metrics.watch_loop_lag(), name="loop-lag")
@@ -143,7 +143,13 @@ class Kernel:
                 "win over the config file until changed again",
                 overrides=differs,
             )
-        self.settings.downloads = saved
+        self._replace_settings(saved)
+
+    def _replace_settings(self, downloads: DownloadSettings) -> None:
+        """Settings are replaced whole, never changed in place: whoever holds the old object
+        keeps a consistent snapshot. The plugins get the new one for their next hook call."""
+        self.settings = msgspec.structs.replace(self.settings, downloads=downloads)
+        self.plugins.settings = self.settings
 
     async def update_download_settings(self, patch: dict[str, Any]) -> DownloadSettings:
         """Merge ``patch`` into the ``downloads`` settings, validate like the config file
@@ -158,7 +164,8 @@ class Kernel:
             new = msgspec.convert(merged, DownloadSettings)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"Invalid settings: {exc}", param=_param_of(exc)) from exc
-        await self.downloads.apply_settings(new)
+        self._replace_settings(new)
+        await self.downloads.apply_settings(self.settings)
         await self.store.put_meta(RUNTIME_SETTINGS_KEY, msgspec.json.encode(new))
         return self.settings.downloads
 
@@ -166,7 +173,8 @@ class Kernel:
         """Forget the run-time changes: back to the config file's (and env's) values, now
         and after a restart."""
         configured = msgspec.convert(self._configured_downloads, DownloadSettings)
-        await self.downloads.apply_settings(configured)
+        self._replace_settings(configured)
+        await self.downloads.apply_settings(self.settings)
         await self.store.put_meta(RUNTIME_SETTINGS_KEY, b"")
         log.info("settings.reset")
         return self.settings.downloads

@@ -26,7 +26,7 @@ import structlog
 
 from kernel._files import remove
 from kernel._saves import RecordWriter
-from kernel.config import MAX_RATE, DownloadSettings, Settings
+from kernel.config import MAX_RATE, Settings
 from kernel.errors import (
     DownloadExists,
     DownloadNotFound,
@@ -63,7 +63,6 @@ from kernel.validation import validate_filename, validate_model_id, validate_url
 
 if TYPE_CHECKING:
     from kernel.engines import EngineRegistry
-    from kernel.metrics import Metrics
     from kernel.plugins import Plugins
 
 __all__ = [
@@ -106,10 +105,8 @@ class DownloadManager:
         store: DownloadStore,
         bus: EventBus,
         engines: EngineRegistry,
-        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics
         self.plugins = plugins
         self.store = store
         self.bus = bus
@@ -410,12 +407,13 @@ class DownloadManager:
             await self.writer.wait(model_id)
             return rec
 
-    async def apply_settings(self, downloads: DownloadSettings) -> None:
-        """Adopt new ``downloads`` settings at run time, in place so running transfers see
-        them: more slots start queued downloads; fewer send the newest back to the queue."""
-        current = self.settings.downloads
-        for field in msgspec.structs.fields(DownloadSettings):
-            setattr(current, field.name, getattr(downloads, field.name))
+    async def apply_settings(self, settings: Settings) -> None:
+        """Adopt new settings at run time (the kernel replaces them whole; nothing is changed
+        in place). New transfers start with them; running ones keep theirs, except the
+        global cap, which they read from the shared bucket. More slots start queued
+        downloads; fewer send the newest back to the queue."""
+        self.settings = settings
+        current = settings.downloads
         running = sorted(
             (self.records[m] for m, p in self._phase.items() if p == "transfer"),
             key=lambda r: (-r.priority, r.seq),
@@ -552,8 +550,7 @@ class DownloadManager:
                     "on_progress": self._on_progress,
                     "on_finalizing": lambda: self._phase.__setitem__(model_id, "finalizing"),
                     "shared_bucket": self.bucket,
-                    "on_bytes": self._on_bytes,
-                    "on_retry": self._on_retry,
+                    "on_retry": self.bus.publish,
                     "verifier": self.engines.verifier(rec.engine),
                 }
                 if rec.files is not None:
@@ -640,14 +637,6 @@ class DownloadManager:
         if now - self._last_checkpoint.get(rec.model_id, 0.0) >= CHECKPOINT_INTERVAL_S:
             self._last_checkpoint[rec.model_id] = now
             self._persist(rec)
-
-    def _on_bytes(self, n: int) -> None:
-        if self.metrics is not None:
-            self.metrics.bytes_received.inc(n)
-
-    def _on_retry(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.retries.labels(reason=reason).inc()
 
     # --- paths: everything the kernel writes or removes is inside models_dir -------------------
 

@@ -28,7 +28,7 @@ from kernel._files import make_parent, size_of
 from kernel.config import DownloadSettings
 from kernel.throttle import TokenBucket
 from kernel.transfer import Transfer, now_ms
-from kernel.types import DownloadRecord, FileRecord, Source, VerifyingBackend
+from kernel.types import DownloadRecord, DownloadRetry, FileRecord, Source, VerifyingBackend
 
 __all__ = ["FileSetTransfer"]
 
@@ -47,8 +47,7 @@ class FileSetTransfer:
         on_progress: Callable[[DownloadRecord], None] = lambda _r: None,
         on_finalizing: Callable[[], None] = lambda: None,
         shared_bucket: TokenBucket | None = None,
-        on_bytes: Callable[[int], None] = lambda _n: None,
-        on_retry: Callable[[str], None] = lambda _reason: None,
+        on_retry: Callable[[DownloadRetry], None] = lambda _event: None,
         verifier: VerifyingBackend | None = None,
     ) -> None:
         assert record.files is not None
@@ -60,7 +59,6 @@ class FileSetTransfer:
         self.on_progress = on_progress
         self.on_finalizing = on_finalizing
         self.shared_bucket = shared_bucket
-        self.on_bytes = on_bytes
         self.on_retry = on_retry
         self._running: dict[str, DownloadRecord] = {}  # file path -> its transfer's record
 
@@ -136,7 +134,6 @@ class FileSetTransfer:
             settings,
             on_progress=lambda c: self._copy(f, c),
             shared_bucket=self.shared_bucket,
-            on_bytes=self.on_bytes,
             on_retry=self.on_retry,
             verifier=self.verifier,
         )

@@ -73,7 +73,7 @@ def detect_gpus() -> list[GpuInfo]:  # type: ignore[empty-body]
 @hookspec
 def on_event(event: Event) -> Awaitable[None] | None:
     """Observe every event on the kernel's bus (``download.created``, ``download.status``,
-    ``download.progress``, ``engine.created``).
+    ``download.progress``, ``download.retry``, ``engine.created``).
 
     Called for every plugin, in the event loop; keep it quick or return an awaitable (the kernel
     awaits it in a background task, so a slow observer never slows a transfer). Each observer is

@@ -1,8 +1,9 @@
 """Prometheus metrics, built with prometheus-client on a registry of the kernel's own.
 
-Counters and histograms are fed by bus events and transfer callbacks; gauges that describe
-the current state (downloads by status, queue length, active transfers, the throttle) are
-read from the manager when ``/metrics`` is scraped, so they are never stale.
+Counters and histograms are fed by bus events only (``observe``: the kernel's bus observer),
+so nothing that moves bytes knows this module; gauges that describe the current state
+(downloads by status, queue length, active transfers, the throttle) are read from the manager
+when ``/metrics`` is scraped, so they are never stale.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kernel.types import STATUSES, DownloadRecord, DownloadStatus, EngineCreated, Event
+from kernel.types import (
+    STATUSES,
+    TERMINAL,
+    DownloadProgress,
+    DownloadRecord,
+    DownloadRetry,
+    DownloadStatus,
+    EngineCreated,
+    Event,
+)
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -28,7 +38,10 @@ class Metrics:
             "modelkernel_downloads", "Downloads by status.", ["status"], registry=r
         )
         self.bytes_received = Counter(
-            "modelkernel_bytes_received", "Bytes received from sources.", registry=r
+            "modelkernel_bytes_received",
+            "Bytes received from sources and landed in model files (.part included), counted "
+            "from the downloads' progress; a download restarted from zero counts its bytes again.",
+            registry=r,
         )
         self.active_transfers = Gauge(
             "modelkernel_active_transfers", "Transfers moving bytes now.", registry=r
@@ -67,6 +80,9 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")),
             registry=r,
         )
+        # Per running download: the downloaded_bytes last seen, to count only what is new.
+        # A download is forgotten when it ends, so this holds the running ones at most.
+        self._landed: dict[str, int] = {}
 
     async def watch_loop_lag(self, interval: float = 0.1) -> None:
         """Forever: sleep ``interval`` and record how much later than asked the loop woke."""
@@ -78,12 +94,31 @@ class Metrics:
 
     def observe(self, event: Event) -> None:
         match event:
-            case DownloadStatus(record=rec) if rec.status == "completed" and rec.end_time:
-                self.download_duration.observe(max(0, rec.end_time - rec.start_time) / 1000)
+            case DownloadStatus(record=rec):
+                self._count_bytes(rec)
+                if rec.status == "completed" and rec.end_time:
+                    self.download_duration.observe(max(0, rec.end_time - rec.start_time) / 1000)
+            case DownloadProgress(record=rec):
+                self._count_bytes(rec)
+            case DownloadRetry(reason=reason):
+                self.retries.labels(reason=reason).inc()
             case EngineCreated(seconds=seconds):
                 self.engine_duration.observe(seconds)
             case _:
                 pass
+
+    def _count_bytes(self, rec: DownloadRecord) -> None:
+        """Add what ``rec`` gained since it was last seen. The baseline is the larger of that
+        and where this run began (``run_start_bytes``: bytes from an earlier run, or a file
+        found already in place, were not received now); a count that went down (a restart
+        from zero) is the new baseline."""
+        seen = max(self._landed.get(rec.model_id, 0), rec.run_start_bytes)
+        if rec.downloaded_bytes > seen:
+            self.bytes_received.inc(rec.downloaded_bytes - seen)
+        if rec.status in TERMINAL:
+            self._landed.pop(rec.model_id, None)
+        else:
+            self._landed[rec.model_id] = rec.downloaded_bytes
 
     def render(self, records: Iterable[DownloadRecord], running: int, throttle: int) -> bytes:
         """The exposition, with the gauges set from the state now: ``records`` (by status),

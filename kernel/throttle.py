@@ -30,6 +30,11 @@ class TokenBucket:
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
 
+    @property
+    def rate(self) -> int:
+        """The cap now (bytes/s, 0 = none): what the callable given at creation returns."""
+        return self._rate()
+
     def _refill(self, rate: int) -> None:
         now = time.monotonic()
         self._tokens = min(rate * BURST_S, self._tokens + (now - self._stamp) * rate)

@@ -56,6 +56,7 @@ from kernel.segments import (
 from kernel.throttle import TokenBucket
 from kernel.types import (
     DownloadRecord,
+    DownloadRetry,
     Probe,
     RangedSource,
     Source,
@@ -109,22 +110,20 @@ class Transfer:
         on_progress: Callable[[DownloadRecord], None] = lambda _r: None,
         on_finalizing: Callable[[], None] = lambda: None,
         shared_bucket: TokenBucket | None = None,
-        on_bytes: Callable[[int], None] = lambda _n: None,
-        on_retry: Callable[[str], None] = lambda _reason: None,
+        on_retry: Callable[[DownloadRetry], None] = lambda _event: None,
         on_block: Callable[[int, memoryview], None] | None = None,
         verifier: VerifyingBackend | None = None,
     ) -> None:
         self.rec = record
         self.verifier = verifier  # checks the complete file before it is renamed into place
         self.source = source
-        self.settings = settings
+        self.settings = settings  # as they were at the start; the global cap is live instead
         self.on_progress = on_progress
         self.on_finalizing = on_finalizing
         self.probe: Probe | None = None
         self.transferred = 0  # bytes received over the network in this run
         self._hasher: Any = None  # running sha256 of the part, when a digest is expected
-        self.on_bytes = on_bytes
-        self.on_retry = on_retry
+        self.on_retry = on_retry  # each transient fault, before its backoff
         self._segments_ok = True
         # The furthest the file has ever got in this run: only bytes beyond it are progress.
         self._high_water = record.downloaded_bytes
@@ -208,7 +207,15 @@ class Transfer:
             reason=exc.reason,
             error=exc.message,
         )
-        self.on_retry(exc.reason)
+        self.on_retry(
+            DownloadRetry(
+                model_id=rec.model_id,
+                attempt=rec.attempts,
+                reason=exc.reason,
+                error=exc.message,
+                delay_s=round(delay, 2),
+            )
+        )
         self.on_progress(rec)
         await asyncio.sleep(min(delay, 300.0))
 
@@ -290,7 +297,7 @@ class Transfer:
             self._segments_ok
             and self.settings.connections > 1
             and not self.rec.max_bytes_per_second  # a capped download gains nothing from more
-            and not self.settings.max_bytes_per_second
+            and not self._global_cap()
             and probe.accept_ranges
             and probe.size is not None
             and probe.size >= self.settings.segment_min_bytes
@@ -420,11 +427,15 @@ class Transfer:
         than ``MIN_CAPPED_BLOCK``. A block is read before the bucket is paid, so at low caps
         a larger one would land in bursts of several seconds' worth (and each file of a set
         would take one such burst at once, past the set's cap)."""
-        shared = self.settings.max_bytes_per_second if self._shared_bucket is not None else 0
-        caps = [cap for cap in (self.rec.max_bytes_per_second, shared) if cap > 0]
+        caps = [cap for cap in (self.rec.max_bytes_per_second, self._global_cap()) if cap > 0]
         if not caps:
             return WRITE_BLOCK
         return min(WRITE_BLOCK, max(MIN_CAPPED_BLOCK, int(min(caps) * FLUSH_S)))
+
+    def _global_cap(self) -> int:
+        """The cap shared by every download, read live from its bucket: ``settings`` is the
+        snapshot this transfer started with, and the cap may change while it runs."""
+        return self._shared_bucket.rate if self._shared_bucket is not None else 0
 
     async def _pump(
         self,
@@ -446,7 +457,6 @@ class Transfer:
         def progress(delta: int) -> None:
             rec.downloaded_bytes += delta
             self.transferred += delta
-            self.on_bytes(delta)
             writeback.wrote(delta)
             self.on_progress(rec)
 
@@ -566,7 +576,7 @@ class Transfer:
         elif current is None or rec.file_validator != current:
             return False
         rec.file_validator = current
-        rec.downloaded_bytes = size
+        rec.downloaded_bytes = rec.run_start_bytes = size  # in place, not received in this run
         log.info("download.already_present", path=rec.local_path)
         return True
 

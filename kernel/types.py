@@ -28,6 +28,7 @@ __all__ = [
     "DownloadCreated",
     "DownloadProgress",
     "DownloadRecord",
+    "DownloadRetry",
     "DownloadStatus",
     "DownloadStore",
     "Engine",
@@ -331,7 +332,7 @@ class QueuingBody(Protocol):
 @runtime_checkable
 class QuarantiningStore(Protocol):
     """A store that sets aside records it cannot read (instead of failing to start) and
-    lists them, as ``model id: why``; ``GET /ready`` reports them."""
+    lists them, as ``model id: why``; ``GET /health/ready`` reports them."""
 
     quarantined: list[str]
 
@@ -530,6 +531,18 @@ class DownloadProgress(msgspec.Struct, frozen=True, tag="download.progress"):
     record: DownloadRecord
 
 
+class DownloadRetry(msgspec.Struct, frozen=True, tag="download.retry"):
+    """A transient fault (a dropped connection, a 5xx, a stall): the transfer waits
+    ``delay_s`` and tries again, resuming from its ``.part``. ``attempt`` counts failures in a
+    row without progress; ``reason`` labels the ``modelkernel_retries_total`` metric."""
+
+    model_id: str
+    attempt: int
+    reason: str
+    error: str
+    delay_s: float
+
+
 class EngineCreated(msgspec.Struct, frozen=True, tag="engine.created"):
     model_id: str
     model_type: str
@@ -537,4 +550,6 @@ class EngineCreated(msgspec.Struct, frozen=True, tag="engine.created"):
     seconds: float = 0.0
 
 
-Event: TypeAlias = DownloadCreated | DownloadStatus | DownloadProgress | EngineCreated
+Event: TypeAlias = (
+    DownloadCreated | DownloadStatus | DownloadProgress | DownloadRetry | EngineCreated
+)

@@ -23,7 +23,7 @@ from kernel.api.events import EventStreams
 from kernel.config import Settings
 from kernel.core import Kernel
 from kernel.events import EventBus
-from kernel.types import DownloadProgress, DownloadRecord, EngineSpec
+from kernel.types import DownloadProgress, DownloadRecord, DownloadRetry, EngineSpec
 from tests.helpers.origin import Origin
 from tests.helpers.server import AppServer
 
@@ -226,6 +226,28 @@ async def test_model_id_filter_sends_only_that_download(live: Live, origin: Orig
         await live.create("two", two)
         seen = await collect(response, ended("two"))
     assert {f.data["model_id"] for f in seen} == {"two"}
+
+
+async def test_a_transient_fault_is_a_retry_event_on_the_stream(
+    live: Live, origin: Origin
+) -> None:
+    url = origin.add_file("flaky.bin", b"r" * 300_000)
+    origin.faults.fail_statuses = [503]
+    async with live.http.stream("GET", "/v1/events", params={"model_id": "flaky"}) as response:
+        await live.create("flaky", url)
+        seen = await collect(response, ended("flaky"))
+    retries = [f for f in seen if f.event == "download.retry"]
+    assert len(retries) == 1
+    retry = retries[0].data
+    assert set(retry) == {"model_id", "attempt", "reason", "error", "delay_s"}
+    assert (retry["model_id"], retry["attempt"], retry["reason"]) == ("flaky", 1, "http_503")
+    assert "503" in retry["error"] and retry["delay_s"] >= 0
+    assert seen[-1].data["status"] == "completed"
+    # The bus carries the same Struct for plugins' on_event observers.
+    assert any(
+        isinstance(e.event, DownloadRetry) and e.event.model_id == "flaky"
+        for e in live.kernel.bus.since(0)
+    )
 
 
 async def test_bad_filter_is_a_400_naming_the_param(live: Live) -> None:

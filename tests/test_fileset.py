@@ -22,7 +22,7 @@ from plugins.hf_source._shards import shard_name
 from kernel.config import DownloadSettings, HubSettings, RetrySettings, Settings, SourcesSettings
 from kernel.errors import PermanentError, TransientError
 from kernel.fileset import FileSetTransfer
-from kernel.types import DownloadProgress, DownloadRecord, FileRecord, Probe
+from kernel.types import DownloadProgress, DownloadRecord, DownloadRetry, FileRecord, Probe
 from plugins.sqlite_store.store import SqliteStore
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
@@ -509,13 +509,13 @@ async def test_a_transient_fault_is_retried_and_a_permanent_one_fails_the_set(
     gate.set()
     faults = {"mem://f1": [TransientError("reset", reason="network")]}
     settings = DownloadSettings(connections=4, retry=RetrySettings(attempts=2, backoff_seconds=0))
-    retries: list[str] = []
+    retries: list[DownloadRetry] = []
 
     def source(ref: str) -> _GatedSource:
         return _GatedSource(ref, blobs[ref], gate, peak, everyone, faults.get(ref, []))
 
     await FileSetTransfer(rec, source, settings, on_retry=retries.append).run()  # type: ignore[arg-type]
-    assert retries == ["network"]
+    assert [(r.model_id, r.attempt, r.reason) for r in retries] == [(rec.model_id, 1, "network")]
     assert rec.downloaded_bytes == rec.total_bytes
 
     rec, blobs = _file_set(tmp_path / "second", 3)

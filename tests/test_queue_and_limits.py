@@ -25,7 +25,9 @@ MiB = 1 << 20
 
 def app_client(tmp_path: Path, **downloads: Any) -> AsyncTestClient:  # type: ignore[type-arg]
     kernel = Kernel(make_settings(tmp_path, **downloads), load_entrypoints=False)
-    return AsyncTestClient(app=create_app(kernel))
+    client = AsyncTestClient(app=create_app(kernel))
+    client.kernel = kernel  # type: ignore[attr-defined]
+    return client
 
 
 async def start(client: Any, model_id: str, url: str, **extra: Any) -> dict[str, Any]:
@@ -98,6 +100,27 @@ async def test_changing_the_cap_at_run_time_takes_effect_within_a_second(tmp_pat
         assert_error(await client.post("/v1/downloads/live/limit", json={"max_bytes_per_second": -1}),
                      400, "invalid_request_error", param="max_bytes_per_second")
         await client.delete("/v1/downloads/live")
+
+
+async def test_a_global_cap_patched_at_run_time_reaches_a_running_transfer(
+    tmp_path: Path, origin: Origin
+) -> None:
+    async with app_client(tmp_path, max_bytes_per_second=256 * 1024) as client:
+        await start(client, "global", origin.add_file("global.bin", b"g" * (16 * MiB)))
+        await wait_for(client, "global", lambda b: b["progress"]["downloaded_bytes"] > 0)
+        old = client.kernel.settings.downloads
+        patch = {"downloads": {"max_bytes_per_second": 4 * MiB}}
+        response = await client.patch("/v1/settings", json=patch)
+        assert response.json()["downloads"]["max_bytes_per_second"] == 4 * MiB
+        got = (await client.get("/v1/settings")).json()["downloads"]
+        assert got["max_bytes_per_second"] == 4 * MiB
+        # Replaced, never changed in place: the object handed out before keeps its values.
+        assert old.max_bytes_per_second == 256 * 1024
+        assert client.kernel.settings.downloads is not old
+        await asyncio.sleep(0.5)  # let the new cap settle before measuring
+        rate = await measured_rate(client, "global", 1.0)
+        assert rate > 2 * MiB, rate  # the transfer started under the old cap obeys the new one
+        await client.delete("/v1/downloads/global")
 
 
 async def test_patching_max_concurrent_starts_queued_downloads_and_survives_restart(
@@ -190,6 +213,22 @@ async def test_metrics_count_a_completed_download_and_parse(client: Any, origin:
     assert any(s.name.endswith("_count") and s.value == 1 for s in durations)
     routes = {s.labels.get("route") for s in families["modelkernel_http_request_duration_seconds"].samples}
     assert "/v1/downloads/{model_id}" in routes
+
+
+async def test_metrics_count_a_retry_and_every_byte_once_across_a_resume(
+    client: Any, origin: Origin
+) -> None:
+    # The body is cut after 200 000 bytes: one retry, which resumes from the .part, so each
+    # byte of the file lands once (the counters follow the bus, not the transfer).
+    data = b"r" * 500_000
+    origin.faults.short_body = 200_000
+    await start(client, "resumed", origin.add_file("resumed.bin", data))
+    await wait_status(client, "resumed", "completed")
+    families = {f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    received = [s.value for s in families["modelkernel_bytes_received"].samples if s.name.endswith("_total")]
+    assert received == [len(data)]
+    retries = [s for s in families["modelkernel_retries"].samples if s.name.endswith("_total")]
+    assert [s.value for s in retries] == [1]
 
 
 async def test_metrics_need_a_key_unless_public(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ Each event is one SSE frame::
     data: {"model_id": "...", "status": "downloading", "progress": {...}, ...}
 
 ``data`` is the detail download object (the body of ``GET /v1/downloads/{id}``) at the time of
-the event; for ``engine.created`` it is ``{model_id, model_type, inference_engine}``.
+the event; for ``download.retry`` it is ``{model_id, attempt, reason, error, delay_s}``, for
+``engine.created`` ``{model_id, model_type, inference_engine}``.
 
 A client that reconnects with ``Last-Event-ID`` (or ``?last_event_id=``) first gets every
 buffered event after that id, then live ones, with no gap and no duplicate: the stream
@@ -36,7 +37,13 @@ from kernel.api.schemas import Download
 from kernel.downloads import validate_model_id
 from kernel.errors import InvalidRequest
 from kernel.events import Envelope, EventBus
-from kernel.types import DownloadCreated, DownloadProgress, DownloadStatus, EngineCreated
+from kernel.types import (
+    DownloadCreated,
+    DownloadProgress,
+    DownloadRetry,
+    DownloadStatus,
+    EngineCreated,
+)
 
 __all__ = ["EVENTS_STATE_KEY", "EventStreams", "EventsController"]
 
@@ -106,9 +113,9 @@ class EventStreams:
                         "inference_engine": event.inference_engine,
                     }
                 )
-            case _:  # an event type added later: its own fields
-                model_id = str(getattr(event, "model_id", ""))
-                data = msgspec.json.encode(event)
+            case DownloadRetry():
+                model_id = event.model_id
+                data = msgspec.json.encode(msgspec.structs.asdict(event))
         frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (envelope.id, str(name).encode(), data)
         self._frames[envelope.id] = (model_id, frame)
         while len(self._frames) > 4096:
@@ -209,7 +216,7 @@ class EventsController(Controller):
     @get(
         "/",
         summary="Server-Sent Events: download.created, download.status, download.progress, "
-        "engine.created (reconnect with Last-Event-ID)",
+        "download.retry, engine.created (reconnect with Last-Event-ID)",
         media_type="text/event-stream",
         response_description="An endless text/event-stream; see the module docstring",
         responses=error_responses(400),

@@ -96,7 +96,7 @@ class SystemController(Controller):
         body = kernel.metrics.render(
             downloads.records.values(),
             downloads.running(),
-            downloads.settings.downloads.max_bytes_per_second,
+            kernel.settings.downloads.max_bytes_per_second,
         )
         return Response(body, media_type=CONTENT_TYPE)
 
