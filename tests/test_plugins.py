@@ -6,6 +6,7 @@ the third-party plugin is installed for real, as a dist-info directory on sys.pa
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import re
@@ -590,3 +591,28 @@ def test_the_kernel_knows_no_plugin_and_no_model_format() -> None:
         offenders += [f"{path.relative_to(root.parent)}: {w.strip()}" for w in found]
     assert offenders == []
     assert BUILTINS["engine_llamacpp"] == "plugins.engine_llamacpp"
+
+
+def test_the_kernel_probes_no_plugin_object() -> None:
+    """What a source, body, store, backend or engine can do is declared by the Protocols of
+    kernel.types and checked with isinstance: no kernel module that handles those objects (one
+    importing kernel.types) calls getattr or hasattr, so mypy sees the whole contract."""
+    root = Path(__file__).resolve().parent.parent / "kernel"
+    handling, offenders = 0, []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if not any(
+            isinstance(node, ast.ImportFrom) and node.module == "kernel.types"
+            for node in ast.walk(tree)
+        ):
+            continue
+        handling += 1
+        offenders += [
+            f"{path.relative_to(root.parent)}:{node.lineno}: {node.func.id}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+        ]
+    assert handling >= 10  # downloads, transfer, segments, pump, engines, plugins, api...
+    assert offenders == []
