@@ -33,7 +33,6 @@ from kernel.tls import tls_failure
 __all__ = ["NeedsHttpx", "Response", "open_response", "proxy_for"]
 
 HEAD_LIMIT = 64 * 1024
-CLOCK_EVERY = 4  # reads between looks at the clock (a TLS record each: 64 KiB)
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -143,16 +142,18 @@ class Response:
             self._leftover = self._leftover[filled:]
         size = len(view)
         recv_into = self.sock.recv_into
+        # The clock is read after every read: on a slow link each one may wait long for its
+        # bytes, so skipping looks (every 4th, say) would hold four arrivals rather than
+        # flush_s (64 KiB at a time from an origin sending 16 KiB pieces: a smaller file
+        # showed no progress until its end). A look costs ~50 ns, a TLS record's read ~5 us.
         deadline = time.monotonic() + flush_s
-        reads = 0
         try:
             while filled < size:
                 n = recv_into(view[filled:])
                 if n == 0:
                     break
                 filled += n
-                reads += 1
-                if not reads % CLOCK_EVERY and time.monotonic() >= deadline:
+                if time.monotonic() >= deadline:
                     break
         except (OSError, ValueError) as exc:  # ValueError: the socket was closed under us
             if not filled:

@@ -7,7 +7,9 @@ there is none), keeps one engine per model id, and routes completions and embedd
 
 Beyond the ``EngineBackend`` / ``Engine`` protocols, a backend or engine may declare the
 optional capabilities of :mod:`kernel.types` (checked with isinstance, nothing else):
-``CheckingBackend`` (reject bad ``loading_parameters`` at request time), ``DescribedBackend``
+``CheckingBackend`` (reject bad ``loading_parameters`` at request time), ``VerifyingBackend``
+(check downloaded files: :meth:`EngineRegistry.verifier`), ``ModelFileBackend`` (which file
+of a set to load, asked through :meth:`EngineRegistry.loader`), ``DescribedBackend``
 (description, version, availability for ``GET /v1/engines``), ``LazyEngine`` (``state``),
 ``DescribedEngine`` (``details``), ``CountingEngine`` / ``CountingEmbedder`` (token counts for
 the OpenAI ``usage`` block), ``GeneratingEngine`` (streamed completions honouring

@@ -121,12 +121,12 @@ class FileSetTransfer:
             validator=f.validator,
             file_validator=f.file_validator,
             segments=f.segments,
-            max_bytes_per_second=self._cap_share(),
             run_started_at=now_ms(),
             run_start_bytes=f.downloaded_bytes,
         )
         f.status = "downloading"
         self._running[f.path] = child
+        self._share_cap()
         source = self.resolve_source(f.url)
         transfer = Transfer(
             child,
@@ -160,19 +160,19 @@ class FileSetTransfer:
         f.validator = child.validator
         f.file_validator = child.file_validator
         f.segments = child.segments
-        share = self._cap_share()
-        for running in self._running.values():
-            running.max_bytes_per_second = share  # a cap changed on the set applies at once
+        self._share_cap()  # a cap changed on the set applies at once
         rec = self.rec
         rec.attempts = max((r.attempts for r in self._running.values()), default=0)
         rec.last_error = (child.last_error or rec.last_error) if rec.attempts else None
         self._sum()
         self.on_progress(rec)
 
-    def _cap_share(self) -> int:
-        """Each running file's part of the set's bandwidth cap (0 = none)."""
+    def _share_cap(self) -> None:
+        """Give each running file its part of the set's bandwidth cap (0 = none)."""
         cap = self.rec.max_bytes_per_second
-        return math.ceil(cap / max(1, len(self._running))) if cap else 0
+        share = math.ceil(cap / max(1, len(self._running))) if cap else 0
+        for running in self._running.values():
+            running.max_bytes_per_second = share
 
     def _sum(self) -> None:
         self.rec.total_bytes = sum(f.size for f in self.files)

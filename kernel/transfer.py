@@ -73,6 +73,7 @@ WRITE_BLOCK = 4 << 20  # bytes gathered before one write() (or after FLUSH_S on 
 # still in the CPU cache when they are copied to the page cache (measured over loopback TLS:
 # 4 MiB blocks cost 3.5-3.8 CPU s/GiB, 256 KiB blocks 1.9-3.0, in the same runs).
 PUMP_BLOCK = 256 << 10
+MIN_CAPPED_BLOCK = 4 << 10  # the smallest block under a bandwidth cap (see _read_cap)
 MAX_RESTARTS = 3  # validator changes tolerated in one run before giving up
 # Adaptive segmenting (kernel/segments.py): one connection first; more only when it is slow.
 PROBE_S = 0.3  # the one connection is measured over this long, from its first byte
@@ -422,11 +423,14 @@ class Transfer:
 
     def _read_cap(self) -> int:
         """Bytes to read before throttling: a flush interval's worth of the tightest cap,
-        never more than ``WRITE_BLOCK`` (a huge cap must not size a huge buffer)."""
+        never more than ``WRITE_BLOCK`` (a huge cap must not size a huge buffer) nor less
+        than ``MIN_CAPPED_BLOCK``. A block is read before the bucket is paid, so at low caps
+        a larger one would land in bursts of several seconds' worth (and each file of a set
+        would take one such burst at once, past the set's cap)."""
         caps = [cap for cap in (self.rec.max_bytes_per_second, self._global_cap()) if cap > 0]
         if not caps:
             return WRITE_BLOCK
-        return min(WRITE_BLOCK, max(64 * 1024, int(min(caps) * FLUSH_S)))
+        return min(WRITE_BLOCK, max(MIN_CAPPED_BLOCK, int(min(caps) * FLUSH_S)))
 
     def _global_cap(self) -> int:
         """The cap shared by every download, read live from its bucket: ``settings`` is the

@@ -332,7 +332,7 @@ class QueuingBody(Protocol):
 @runtime_checkable
 class QuarantiningStore(Protocol):
     """A store that sets aside records it cannot read (instead of failing to start) and
-    lists them, as ``model id: why``; ``GET /ready`` reports them."""
+    lists them, as ``model id: why``; ``GET /health/ready`` reports them."""
 
     quarantined: list[str]
 

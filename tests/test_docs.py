@@ -4,13 +4,15 @@ tutorial's plugin and snippets actually work."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import os
 import re
 import sys
 import tomllib
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,7 +21,9 @@ import msgspec
 import pytest
 
 import kernel.hookspecs
+import kernel.types
 from kernel.config import Settings, load_settings
+from kernel.types import TERMINAL, DownloadRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -216,6 +220,152 @@ def test_every_route_the_app_serves_is_in_api_md(endpoint: str) -> None:
     )
 
 
+# --- (5) docs/plugins/ describes exactly the declared capabilities ----------------------------
+# Every Protocol and Struct of kernel.types is documented in docs/plugins/hooks.md, member by
+# member, written as the code declares it: ``name: type`` (an attribute or a property, a Struct
+# field with ``= default``), ``[async ]name(params) -> return``. A Protocol has a ``### Name``
+# section whose first table column lists its members, or a row ``| `Name` | members | ... |``
+# (an optional capability) whose members the section around it may share (a PickingSource's
+# ``ref`` is the Source's).
+
+
+def _shown(value: Any) -> str:
+    """A default as the docs write it: strings in double quotes."""
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _method(name: str, fn: Any) -> str:
+    signature = inspect.signature(fn)
+    params: list[str] = []
+    for param in list(signature.parameters.values())[1:]:  # without self
+        if param.kind is param.KEYWORD_ONLY and "*" not in params:
+            params.append("*")
+        default = "" if param.default is param.empty else f" = {_shown(param.default)}"
+        params.append(f"{param.name}: {param.annotation}{default}")
+    prefix = "async " if inspect.iscoroutinefunction(fn) else ""
+    return f"{prefix}{name}({', '.join(params)}) -> {signature.return_annotation}"
+
+
+def declared_members(cls: type) -> dict[str, str]:
+    """Every public member ``cls`` and its kernel.types bases declare, rendered as the docs
+    show it (annotations are the strings written in kernel/types.py)."""
+    members: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass.__module__ != "kernel.types":
+            continue
+        defaults = {}
+        if issubclass(klass, msgspec.Struct):
+            for field in msgspec.structs.fields(klass):
+                if field.default is not msgspec.NODEFAULT:
+                    defaults[field.name] = f" = {_shown(field.default)}"
+                elif field.default_factory is not msgspec.NODEFAULT:
+                    defaults[field.name] = f" = {_shown(field.default_factory())}"
+        for name, annotation in inspect.get_annotations(klass).items():
+            members[name] = f"{name}: {annotation}{defaults.get(name, '')}"
+        for name, value in vars(klass).items():
+            if isinstance(value, property):
+                members[name] = f"{name}: {inspect.signature(value.fget).return_annotation}"
+            elif inspect.isfunction(value):
+                members[name] = _method(name, value)
+    return {name: shown for name, shown in members.items() if not name.startswith("_")}
+
+
+CONTRACT = {
+    name: declared_members(obj)
+    for name in kernel.types.__all__
+    if isinstance(obj := vars(kernel.types)[name], type)
+    and (issubclass(obj, typing.Protocol) or issubclass(obj, msgspec.Struct))
+}
+PLUGIN_DOCS = sorted((DOCS / "plugins").glob("*.md"))
+
+
+def table_rows(text: str) -> Iterator[tuple[str, list[str]]]:
+    """(the heading above it, its cells) for every table row (an escaped bar is a bar)."""
+    heading = ""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        elif line.startswith("|") and not re.fullmatch(r"[|\-: ]+", line):
+            cells = re.split(r"(?<!\\)\|", line)[1:-1]
+            yield heading, [cell.strip().replace("\\|", "|") for cell in cells]
+
+
+def spans(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def row_class(cells: list[str]) -> str | None:
+    """The Protocol or Struct a row is about: its first cell starts with its name."""
+    found = re.match(r"`([A-Z]\w*)`", cells[0])
+    return found.group(1) if found and found.group(1) in CONTRACT else None
+
+
+def documented_members(text: str) -> dict[str, tuple[set[str], set[str]]]:
+    """Per class: (members its own section or row shows, members of the section around its
+    row)."""
+    rows = list(table_rows(text))
+    in_section: dict[str, set[str]] = {}
+    for heading, cells in rows:
+        if heading in CONTRACT and row_class(cells) is None:
+            in_section.setdefault(heading, set()).update(spans(cells[0]))
+    found = {name: (shown, set[str]()) for name, shown in in_section.items()}
+    for heading, cells in rows:
+        if (name := row_class(cells)) is not None and name not in found:
+            found[name] = (set(spans(cells[1])), in_section.get(heading, set()))
+    return found
+
+
+def test_the_contract_is_found() -> None:
+    assert {"Source", "RangedSource", "Body", "Probe", "EngineBackend"} <= set(CONTRACT)
+    assert CONTRACT["RangedSource"]["open"] == (
+        "async open(offset: int, validator: str | None, end: int | None = None) -> Body"
+    )
+    assert CONTRACT["CheckingBackend"]["check"] == (
+        'check(spec: EngineSpec, *, prefix: str = "") -> None'
+    )
+    assert CONTRACT["EngineSpec"]["loading_parameters"] == (
+        "loading_parameters: dict[str, Any] = {}"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_every_declared_capability_is_documented_member_by_member(name: str) -> None:
+    documented = documented_members(read("docs/plugins/hooks.md"))
+    assert name in documented, f"{name} has no '### {name}' section or table row in hooks.md"
+    own, around = documented[name]
+    missing = sorted(set(CONTRACT[name].values()) - own - around)
+    assert missing == [], f"hooks.md does not show these members of {name} as declared"
+
+
+@pytest.mark.parametrize("doc", PLUGIN_DOCS, ids=lambda p: p.name)
+def test_the_plugin_docs_show_no_member_that_is_not_declared(doc: Path) -> None:
+    """Every member a capability's row or section lists exists, with that exact signature."""
+    wrong = []
+    for heading, cells in table_rows(doc.read_text(encoding="utf-8")):
+        if (name := row_class(cells)) is not None:
+            shown = spans(cells[1])
+        elif heading in CONTRACT:
+            name, shown = heading, spans(cells[0])
+        else:
+            continue
+        wrong += [f"{name}: {s}" for s in shown if s not in CONTRACT[name].values()]
+    assert wrong == []
+
+
+def test_every_capability_the_plugin_docs_name_exists() -> None:
+    """A Source, Body, Backend, Engine, Store... named in the docs is one kernel.types
+    declares, or a class the docs' own examples define (FileSource)."""
+    def kind(name: str) -> str:  # the last word: RangedSource -> Source
+        return re.findall(r"[A-Z][a-z]*", name)[-1]
+
+    kinds = {kind(name) for name in CONTRACT}
+    texts = [doc.read_text(encoding="utf-8") for doc in PLUGIN_DOCS]
+    examples = {c for text in texts for c in re.findall(r"^class (\w+)", text, re.M)}
+    named = {n for text in texts for n in re.findall(r"`([A-Z][A-Za-z]+)`", text)}
+    unknown = [n for n in named if kind(n) in kinds and n not in CONTRACT.keys() | examples]
+    assert sorted(unknown) == []
+
+
 # --- the plugin tutorial's code works ------------------------------------------------------------
 
 
@@ -314,6 +464,85 @@ async def test_the_tutorial_source_gets_segmented_downloads_by_declaring_ranges(
     assert rec.status == "completed", rec.error_message
     assert any(e["event"] == "download.segmented" for e in logs)
     assert await asyncio.to_thread(Path(rec.local_path).read_bytes) == data
+
+
+async def until(
+    running: Any, model_id: str, done: Callable[[DownloadRecord], bool]
+) -> DownloadRecord:
+    """Wait on the kernel's bus until ``done(record)``; fail after 20 s, or at an end that
+    ``done`` does not accept."""
+    with running.bus.subscribe() as events:
+        async with asyncio.timeout(20):
+            while not done(rec := running.downloads.get(model_id)):
+                assert rec.status not in TERMINAL, (rec.status, rec.error_message)
+                await events.get()
+    return rec
+
+
+def overwrite_keeping_version(path: Path, size: int) -> None:
+    """Zero the first ``size`` bytes of ``path``, keeping its size and mtime."""
+    stat = path.stat()
+    with path.open("r+b") as f:
+        f.write(bytes(size))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("interruption", ["pause", "restart"])
+async def test_the_tutorial_source_resumes_from_its_part_file(
+    file_source: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: str
+) -> None:
+    """The tutorial's FileSource declares nothing for resuming: its probe says
+    ``accept_ranges`` with a validator, and ``open`` honours ``offset`` and ``validator``.
+    Paused (or with the server stopped and started again) mid-download, the download goes on
+    from its ``.part``. The bytes before that point are not read again: while it is stopped
+    they are overwritten at the source, keeping its size and mtime (the same version to
+    FileSource's validator), and the finished file still has the original bytes."""
+    from structlog.testing import capture_logs
+
+    from kernel.config import StorageSettings
+    from kernel.core import Kernel
+    from tests.helpers.data import blob
+
+    data = blob(8 << 20)
+    src = tmp_path / "src" / "big.bin"
+    src.parent.mkdir()
+    src.write_bytes(data)
+    monkeypatch.setenv("FILE_SOURCE_ROOT", str(src.parent))
+    settings = Settings(storage=StorageSettings(
+        models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")))
+    kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
+    await kernel.start()
+    try:
+        await kernel.downloads.create(
+            model_id="big", url=f"file://{src}", sha256=hashlib.sha256(data).hexdigest(),
+            max_bytes_per_second=1 << 20,  # slow enough to stop it half way
+        )  # fmt: skip
+        rec = await until(kernel, "big", lambda r: r.downloaded_bytes >= 1 << 20)
+        if interruption == "pause":
+            await kernel.downloads.pause("big")
+        else:
+            await kernel.stop()  # the record stays "downloading": the next start resumes it
+        part_size = await asyncio.to_thread(os.path.getsize, rec.part_path)
+        assert 0 < part_size == rec.downloaded_bytes < len(data)
+        version = file_source.source.validator_of(await asyncio.to_thread(src.stat))
+        await asyncio.to_thread(overwrite_keeping_version, src, part_size)
+        assert file_source.source.validator_of(await asyncio.to_thread(src.stat)) == version
+
+        with capture_logs() as logs:
+            if interruption == "pause":
+                await kernel.downloads.resume("big")
+            else:
+                kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
+                await kernel.start()
+            await kernel.downloads.set_limit("big", 0)
+            rec = await until(kernel, "big", lambda r: r.status in TERMINAL)
+    finally:
+        await kernel.stop()
+    assert rec.status == "completed", rec.error_message
+    assert [e["offset"] for e in logs if e["event"] == "download.resumed"] == [part_size]
+    assert not [e for e in logs if e["event"] == "download.restart"]
+    assert await asyncio.to_thread(Path(rec.local_path).read_bytes) == data
+    assert rec.sha256 == hashlib.sha256(data).hexdigest()
 
 
 def snippets() -> list[Any]:

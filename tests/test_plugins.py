@@ -6,6 +6,7 @@ the third-party plugin is installed for real, as a dist-info directory on sys.pa
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import re
@@ -578,14 +579,40 @@ def test_without_the_fleet_config_nothing_of_the_fleet_extra_is_imported(tmp_pat
 
 
 def test_the_kernel_knows_no_plugin_and_no_model_format() -> None:
-    """What a file is and which engine loads it belong to plugins: no kernel module imports
-    one or names llama.cpp or GGUF (the builtins' names come from pyproject.toml)."""
+    """What a file is and which engine loads it belong to plugins: no kernel file (code,
+    docstring, comment, or the dashboard's page) imports one or names llama.cpp or GGUF (the
+    builtins' names come from pyproject.toml)."""
     root = Path(__file__).resolve().parent.parent / "kernel"
     offenders = []
-    for path in root.rglob("*.py"):
-        text = path.read_text()
+    for path in (p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        text = path.read_text(encoding="utf-8", errors="replace")
         found = [w for w in ("gguf", "llama") if w in text.lower()]
         found += re.findall(r"^\s*(?:from|import) plugins\b", text, re.MULTILINE)
         offenders += [f"{path.relative_to(root.parent)}: {w.strip()}" for w in found]
     assert offenders == []
     assert BUILTINS["engine_llamacpp"] == "plugins.engine_llamacpp"
+
+
+def test_the_kernel_probes_no_plugin_object() -> None:
+    """What a source, body, store, backend or engine can do is declared by the Protocols of
+    kernel.types and checked with isinstance: no kernel module that handles those objects (one
+    importing kernel.types) calls getattr or hasattr, so mypy sees the whole contract."""
+    root = Path(__file__).resolve().parent.parent / "kernel"
+    handling, offenders = 0, []
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if not any(
+            isinstance(node, ast.ImportFrom) and node.module == "kernel.types"
+            for node in ast.walk(tree)
+        ):
+            continue
+        handling += 1
+        offenders += [
+            f"{path.relative_to(root.parent)}:{node.lineno}: {node.func.id}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+        ]
+    assert handling >= 10  # downloads, transfer, segments, pump, engines, plugins, api...
+    assert offenders == []
