@@ -1,9 +1,11 @@
 """DownloadManager: the records, and the actions on them (create, pause, resume, cancel,
 purge, reorder, cap), run in the event loop that owns every record.
 
-It composes the three parts that do the work, one job each: kernel/plan.py turns a create
-request into a validated plan, kernel/lifecycle.py checks, saves and publishes every
-transition, kernel/scheduler.py keeps the queue, the slots and the tasks. Actions on one
+It composes the parts that do the work, one job each: kernel/plan.py turns a create request
+into a validated plan, kernel/lifecycle.py checks, saves and publishes every transition,
+kernel/scheduler.py keeps the queue, the slots and the tasks, and kernel/modelsdir.py keeps
+every file it writes or removes inside ``models_dir``. The manager itself runs the transfer
+and engine tasks (kernel/transfer.py, kernel/fileset.py, the engine registry). Actions on one
 model id are serialised by a per-id lock; pause and cancel return only once the transfer task
 has stopped, and every reply waits until its change is durable in the store.
 """
@@ -20,18 +22,17 @@ from typing import TYPE_CHECKING, Any, Unpack
 import msgspec
 import structlog
 
-from kernel._files import remove
 from kernel.config import Settings
 from kernel.errors import (
     DownloadExists,
     DownloadNotFound,
     InvalidState,
     KernelError,
-    PermanentError,
 )
 from kernel.events import EventBus
 from kernel.fileset import FileSetTransfer
 from kernel.lifecycle import Lifecycle
+from kernel.modelsdir import ModelsDir
 from kernel.plan import DownloadRequest, Planner, check_rate
 from kernel.scheduler import Scheduler
 from kernel.throttle import TokenBucket
@@ -41,7 +42,6 @@ from kernel.types import (
     DownloadRecord,
     DownloadStore,
     EngineSpec,
-    FileRecord,
     ModelType,
     now_ms,
 )
@@ -69,6 +69,7 @@ class DownloadManager:
         self.store = store
         self.engines = engines
         self.models_dir = Path(settings.storage.models_dir).resolve()
+        self.files = ModelsDir(self.models_dir)
         self.records: dict[str, DownloadRecord] = {}
         self.planner = Planner(self.models_dir, settings.network, plugins.resolve_source, engines)
         self.lifecycle = Lifecycle(store, bus)
@@ -89,15 +90,7 @@ class DownloadManager:
             self.records[rec.model_id] = rec
             self._seq = max(self._seq, rec.seq)
         await self._prune_ended()
-        await asyncio.to_thread(self._report_orphan_parts)
-        for rec in self.records.values():
-            if self._outside(rec) is not None and rec.status not in TERMINAL:
-                log.warning(
-                    "download.outside_models_dir",
-                    model_id=rec.model_id,
-                    path=self._outside(rec),
-                    models_dir=str(self.models_dir),
-                )
+        await asyncio.to_thread(self.files.audit, list(self.records.values()))
         for rec in self.records.values():
             if rec.status == "downloading":
                 rec.status = "queued"  # resumes from its .part file when a slot frees
@@ -116,13 +109,6 @@ class DownloadManager:
                 self.lifecycle.forget(rec.model_id)
                 await self.lifecycle.durable(rec.model_id)
                 log.info("download.pruned", model_id=rec.model_id, status=rec.status)
-
-    def _report_orphan_parts(self) -> None:
-        """A ``.part`` no record owns is reported, never deleted silently."""
-        owned = {path for rec in self.records.values() for path in rec.part_paths()}
-        for part in self.models_dir.glob("*/*.part"):
-            if str(part) not in owned:
-                log.warning("download.orphan_part", path=str(part), bytes=part.lstat().st_size)
 
     async def stop(self) -> None:
         """Stop every task; records keep their status so the next start resumes them."""
@@ -175,51 +161,13 @@ class DownloadManager:
                 raise DownloadExists(model_id, existing.status)
             self._seq += 1
             rec = plan.record(self._seq, now_ms())
-            await self._adopt_or_drop_part(rec, existing)
+            await self.files.adopt_or_drop_parts(rec, existing)
             self.records[model_id] = rec
             self.lifecycle.created(rec)
             log.info("download.created", model_id=model_id, url=rec.url, path=rec.local_path)
             self._schedule()
             await self.lifecycle.durable(model_id)  # the reply promises a durable download
             return rec
-
-    async def _adopt_or_drop_part(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
-        """A ``.part`` left by the ended download this one replaces is continued when it is the
-        same file (same URL and path: its validator guards the resume); any other ``.part`` at
-        this path is someone else's bytes and is removed, so two files are never spliced."""
-        if rec.files is not None or (old is not None and old.files is not None):
-            await self._adopt_or_drop_parts(rec, old)
-            return
-        if old is not None and old.url == rec.url and old.local_path == rec.local_path:
-            rec.file_validator = old.file_validator  # what the final file, if any, is
-            if old.validator:
-                rec.validator = old.validator
-                rec.total_bytes = old.total_bytes
-                rec.segments = old.segments
-                return
-        if await self._remove(rec.part_path):
-            log.info("download.stale_part_removed", path=rec.part_path)
-
-    async def _adopt_or_drop_parts(self, rec: DownloadRecord, old: DownloadRecord | None) -> None:
-        """The same rule for a set of files, file by file: a file of the old set with the same
-        reference and place continues from its ``.part`` (or is found in place)."""
-        if rec.files is None:
-            if await self._remove(rec.part_path):
-                log.info("download.stale_part_removed", path=rec.part_path)
-            return
-        kept: dict[str, FileRecord] = {}
-        if old is not None and old.files is not None:
-            kept = {f.local_path: f for f in old.files}
-        for f in rec.files:
-            before = kept.get(f.local_path)
-            if before is not None and before.url == f.url:
-                f.file_validator = before.file_validator  # what the final file, if any, is
-                if before.validator:
-                    f.validator, f.segments = before.validator, before.segments
-                    f.size = before.size or f.size
-                    continue
-            if await self._remove(f.part_path):
-                log.info("download.stale_part_removed", path=f.part_path)
 
     async def ensure_startup(
         self, model_id: str, url: str, model_type: ModelType, engine: EngineSpec
@@ -254,9 +202,9 @@ class DownloadManager:
             deleted = False
             if delete_file:
                 for path in rec.final_paths():
-                    deleted = await self._remove(path) or deleted
+                    deleted = await self.files.remove(path) or deleted
                 for path in rec.part_paths():
-                    await self._remove(path)
+                    await self.files.remove(path)
             del self.records[model_id]
             self.lifecycle.forget(model_id)  # after every save queued for it, never before
             await self.lifecycle.durable(model_id)
@@ -351,7 +299,7 @@ class DownloadManager:
                 raise InvalidState(model_id, "cancel", rec.status)
             if previous != "creating_engine":
                 for path in rec.part_paths():
-                    await self._remove(path)
+                    await self.files.remove(path)
             self.lifecycle.set_status(rec, "cancelled")
             self._schedule()
             return rec, previous
@@ -393,7 +341,7 @@ class DownloadManager:
     async def _run_transfer(self, rec: DownloadRecord) -> None:
         with structlog.contextvars.bound_contextvars(model_id=rec.model_id):
             try:
-                self._check_inside(rec)
+                self.files.check_inside(rec)
                 await self._transfer(rec)
             except asyncio.CancelledError:
                 # Checkpoint the bytes on disk; whoever cancelled sets the status.
@@ -447,40 +395,3 @@ class DownloadManager:
                 self.lifecycle.fail(rec, f"Engine creation failed: {type(exc).__name__}: {exc}")
             else:  # the registry published engine.created
                 self.lifecycle.set_status(rec, "completed")
-
-    # --- paths: everything the kernel writes or removes is inside models_dir -------------------
-
-    def _outside(self, rec: DownloadRecord) -> str | None:
-        """The first of the record's paths that is not inside ``models_dir/<model_id>/``
-        (a record from another models_dir, or a store edited by hand), or None."""
-        home = self.models_dir / rec.model_id
-        for path in [*rec.final_paths(), *rec.part_paths()]:
-            if not _inside(path, home):
-                return path
-        return None
-
-    def _check_inside(self, rec: DownloadRecord) -> None:
-        path = self._outside(rec)
-        if path is not None:
-            raise PermanentError(
-                f"The download's file {path} is outside models_dir ({self.models_dir}/"
-                f"{rec.model_id}/), perhaps because storage.models_dir changed; nothing was "
-                "written. Purge it and create the download again."
-            )
-
-    async def _remove(self, path: str) -> bool:
-        """Remove a file of ours: only inside models_dir, never through a symbolic link."""
-        if not _inside(path, self.models_dir):
-            log.warning("download.not_removed", path=path, reason="outside models_dir")
-            return False
-        try:
-            return await asyncio.to_thread(remove, path)
-        except PermanentError as exc:
-            log.warning("download.not_removed", path=path, reason=exc.message)
-            return False
-
-
-def _inside(path: str, directory: Path) -> bool:
-    """``path`` is spelt plainly (no ``..``) and lies under ``directory`` (lexically; links
-    on the way are refused when the file is opened)."""
-    return os.path.normpath(path) == path and Path(path).is_relative_to(directory)
