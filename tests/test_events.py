@@ -24,22 +24,9 @@ from kernel.config import Settings
 from kernel.core import Kernel
 from kernel.events import EventBus
 from kernel.types import DownloadProgress, DownloadRecord, DownloadRetry, EngineSpec
+from tests.helpers.fakes import EchoEngine
 from tests.helpers.origin import Origin
 from tests.helpers.server import AppServer
-
-
-class EchoEngine:
-    def __init__(self, model_id: str, model_type: str) -> None:
-        self.model_id, self.model_type = model_id, model_type
-
-    async def complete(self, prompt: str, max_tokens: int) -> str:
-        return prompt
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return [[1.0] for _ in texts]
-
-    async def close(self) -> None:
-        pass
 
 
 class EchoBackend:

@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from kernel.downloads import TRANSITIONS, check_transition, validate_filename, validate_model_id
+from kernel.lifecycle import TRANSITIONS, check_transition
+from kernel.validation import validate_filename, validate_model_id
 from kernel.errors import InvalidRequest
 from kernel.types import STATUSES, TERMINAL
 

@@ -32,9 +32,10 @@ from kernel.api.schemas import (
     PurgeResult,
     inline_schemas,
 )
-from kernel.downloads import DownloadManager, validate_model_id
+from kernel.downloads import DownloadManager
 from kernel.errors import InvalidRequest
 from kernel.types import ACTIVE, TERMINAL, DownloadRecord, now_ms
+from kernel.validation import validate_model_id
 
 __all__ = ["DownloadsController"]
 

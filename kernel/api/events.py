@@ -34,7 +34,6 @@ from litestar.response import Stream
 
 from kernel.api.errors import error_responses
 from kernel.api.schemas import Download
-from kernel.downloads import validate_model_id
 from kernel.errors import InvalidRequest
 from kernel.events import Envelope, EventBus
 from kernel.types import (
@@ -44,6 +43,7 @@ from kernel.types import (
     DownloadStatus,
     EngineCreated,
 )
+from kernel.validation import validate_model_id
 
 __all__ = ["EVENTS_STATE_KEY", "EventStreams", "EventsController"]
 

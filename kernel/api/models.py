@@ -22,7 +22,6 @@ from msgspec import UNSET, UnsetType
 from kernel.api.deps import KernelDep
 from kernel.api.errors import error_responses
 from kernel.core import Kernel
-from kernel.downloads import validate_model_id
 from kernel.engines import EngineEntry
 from kernel.errors import (
     Conflict,
@@ -33,7 +32,7 @@ from kernel.errors import (
     NotFound,
 )
 from kernel.types import TERMINAL, DescribedBackend, DownloadRecord, EngineSpec
-from kernel.validation import redact_url
+from kernel.validation import redact_url, validate_model_id
 
 __all__ = ["ModelsController"]
 

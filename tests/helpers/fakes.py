@@ -3,6 +3,7 @@
 * :class:`MemoryStore` is a ``DownloadStore`` keeping msgspec-encoded records in a dict.
 * :class:`StaticSource` is a ``Source`` serving ``mem://name`` from a dict of bytes, with
   ranges and a fixed validator.
+* :class:`EchoEngine` is an ``Engine`` that echoes prompts, for engine backends of tests.
 * :class:`MemSourcePlugin`, :class:`MemoryStorePlugin` and :class:`EventRecorder` are plugin
   objects to pass as ``extra_plugins`` to a ``Kernel`` (or ``extra`` to the manager).
 """
@@ -22,6 +23,7 @@ __all__ = [
     "CHUNK",
     "SCHEME",
     "VALIDATOR",
+    "EchoEngine",
     "EventRecorder",
     "MemSourcePlugin",
     "MemoryStore",
@@ -162,3 +164,19 @@ class EventRecorder:
 
     def names(self) -> list[str]:
         return [event_name(e) for e in self.events]
+
+
+class EchoEngine:
+    """An engine that answers with the prompt and embeds every text as ``[1.0]``."""
+
+    def __init__(self, model_id: str, model_type: str) -> None:
+        self.model_id, self.model_type = model_id, model_type
+
+    async def complete(self, prompt: str, max_tokens: int) -> str:
+        return prompt
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return [[1.0] for _ in texts]
+
+    async def close(self) -> None:
+        pass
