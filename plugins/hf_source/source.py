@@ -6,11 +6,17 @@ without following redirects answers the commit (``X-Repo-Commit``), the size
 the CDN. Relative redirects (a renamed repository) are followed on the hub; an absolute one is
 the CDN, which gets no ``Authorization``: the token goes to the hub's own origin only.
 
-Pinning: ``probe()`` resolves the revision to a commit, and every ``open()`` asks the hub again
-for that commit's file (a fresh CDN location: the signed URLs expire), checking it is the file
-the partial download came from. The validator the kernel records is the LFS etag, so a branch
-that moved to another version of the file restarts the download at byte 0 instead of splicing
-two versions; the sha256 is verified by the kernel before the rename.
+Pinning: ``probe()`` resolves the revision to a commit, and ``open()`` asks the hub again for
+that commit's file (a fresh CDN location: the signed URLs expire), checking it is the file the
+partial download came from. The validator the kernel records is the LFS etag, so a branch that
+moved to another version of the file restarts the download at byte 0 instead of splicing two
+versions; the sha256 is verified by the kernel before the rename.
+
+Segments (``RangedSource``): a large file may come over several connections, each ``open()``
+asking the CDN for one range. The ranges of a split are opened together, so they share one
+answer of the hub: a location the hub gave less than ``LOCATION_REUSE_S`` ago is reused (one
+HEAD, under a lock, for all of them), and one the CDN refuses (its signature expired) is asked
+for again, once, by whichever open finds it refused first.
 
 The CDN is sent ``Range``; ``If-Range`` carries a validator the CDN itself issued (its own
 ETag, learnt from an earlier answer in this run) - never the LFS etag, which a CDN's ETag need
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import NoReturn
@@ -54,6 +61,10 @@ log = structlog.get_logger()
 
 USER_AGENT = "modelkernel/0.1 (hf_source)"
 MAX_HUB_REDIRECTS = 5
+# How long a CDN location from the hub is reused by further opens (the ranges of a split, the
+# retries after a fault) before the hub is asked again. Far below the expiry of the hub's
+# signed URLs (an hour); a location the CDN refuses earlier is asked for again at once.
+LOCATION_REUSE_S = 60.0
 SHOWN_CANDIDATES = 20
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -155,7 +166,9 @@ class HubBody:
 
 
 class HubSource:
-    """Fetches ``ref`` (a file of a hub repository) through ``endpoint``."""
+    """Fetches ``ref`` (a file of a hub repository) through ``endpoint``; a RangedSource."""
+
+    supports_segments = True  # the CDN (and the hub, for a small file) answers byte ranges
 
     def __init__(
         self,
@@ -181,6 +194,8 @@ class HubSource:
         self._meta: _FileMeta | None = None
         self._listing: _RepoInfo | None = None  # the repository's files, once listed
         self._cdn_validators: dict[str, str] = {}  # CDN URL without query -> its own ETag
+        self._located: tuple[_FileMeta, float] | None = None  # the pinned file's HEAD, and when
+        self._locating = asyncio.Lock()  # one HEAD for the opens of a split
 
     @property
     def filename(self) -> str | None:
@@ -241,33 +256,64 @@ class HubSource:
             filename=self.filename,
         )
 
-    async def open(self, offset: int, validator: str | None) -> HubBody:
+    async def open(self, offset: int, validator: str | None, end: int | None = None) -> HubBody:
+        """The bytes from ``offset`` (to ``end``, inclusive, when given) of the pinned file:
+        from the CDN for an LFS file, from the hub for a small one."""
         if self._meta is None:
             await self.probe()
         assert self._meta is not None
-        expected = self._meta.etag
-        if validator is not None and expected is not None and validator != expected:
+        if validator is not None and self._meta.etag is not None and validator != self._meta.etag:
             raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
-        pinned = self._pinned_url()
-        meta = await self._head(pinned)  # the pinned commit's file, and a fresh CDN location
-        if expected is not None and meta.etag != expected:
-            raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
+        meta, reused = await self._location()
+        try:
+            return await self._open_at(meta, offset, end)
+        except PermanentError:
+            if not reused:
+                raise
+        # A reused location the CDN refuses (a signature that expired): ask the hub again.
+        log.info("hub.location_refused", url=_without_query(meta.location or self._pinned_url()))
+        meta, _ = await self._location(refused=meta)
+        return await self._open_at(meta, offset, end)
+
+    async def _location(self, refused: _FileMeta | None = None) -> tuple[_FileMeta, bool]:
+        """The pinned commit's file as the hub last described it (its CDN location) and whether
+        that answer was reused: a HEAD unless one answered less than ``LOCATION_REUSE_S`` ago
+        and is not ``refused``. Concurrent opens wait for one HEAD rather than each sending
+        their own; a location another open already replaced is not asked for again."""
+        async with self._locating:
+            located = self._located
+            if (
+                located is not None
+                and located[0] is not refused
+                and time.monotonic() - located[1] < LOCATION_REUSE_S
+            ):
+                return located[0], True
+            meta = await self._head(self._pinned_url())  # and a fresh CDN location
+            expected = self._meta.etag if self._meta else None
+            if expected is not None and meta.etag != expected:
+                raise ValidatorChanged(f"{self.ref} changed on the hub since the download began.")
+            self._located = (meta, time.monotonic())
+            return meta, False
+
+    async def _open_at(self, meta: _FileMeta, offset: int, end: int | None) -> HubBody:
+        expected = self._meta.etag if self._meta else None
+        ranged = offset > 0 or end is not None  # If-Range goes with a Range only
         headers = {"user-agent": USER_AGENT}
         if meta.location is None:  # a small (non-LFS) file: the hub serves it itself
-            url = pinned
-            if_range = expected if offset else None
+            url = self._pinned_url()
+            if_range = expected if ranged else None
             token = await self._token_value()
             if token:  # dropped by the fast path if the hub redirects to another origin
                 headers["authorization"] = f"Bearer {token}"
         else:  # the CDN: no credentials
             url = meta.location
-            if_range = self._cdn_validators.get(_without_query(url)) if offset else None
+            if_range = self._cdn_validators.get(_without_query(url)) if ranged else None
         source = HttpSource(
             url, headers=headers, stall_timeout_s=self._stall, ca_bundle=self._ca_bundle,
             policy=self._policy,
         )  # fmt: skip
         try:
-            inner = await source.open(offset, if_range)
+            inner = await source.open(offset, if_range, end)
         except SourceError as exc:
             await source.aclose()
             _reraise_redacted(exc, url)

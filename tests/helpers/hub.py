@@ -5,7 +5,8 @@ log, ``faults``: ``fail_statuses`` + ``retry_after`` make the hub answer 429 wit
 and answers what huggingface_hub expects of huggingface.co:
 
 * ``HEAD``/``GET /{owner}/{repo}/resolve/{revision}/{path}``: an LFS file is a 302 to the CDN
-  (a second Origin, the blob named by its sha256, with a signed-looking query) carrying
+  (a second Origin, the blob named by its sha256, with a signed-looking query, a new signature
+  each time: ``expire_locations`` makes the CDN refuse those given so far with 403) carrying
   ``X-Repo-Commit``, ``X-Linked-Size`` and ``X-Linked-Etag`` (the quoted sha256); a small
   (non-LFS) file is served by the hub itself with its git blob id as ETag, Range and If-Range.
 * ``GET /api/models/{owner}/{repo}[/revision/{revision}]``: ``{"id", "sha", "siblings":
@@ -63,7 +64,9 @@ class Hub(Origin):
         self.tokens: set[str] = set()  # every token the hub knows
         self.repos: dict[str, HubRepo] = {}
         self.renamed: dict[str, str] = {}
+        self.signed: list[str] = []  # the query string of each CDN location given, in order
         self._counter = 0
+        self._signatures = 0  # never reset: a signature is not given twice by one server
 
     # -- content -------------------------------------------------------------------------------
 
@@ -114,6 +117,14 @@ class Hub(Origin):
         sha = hashlib.sha256(data).hexdigest()
         return f"repos/{sha[:2]}/{sha[2:4]}/{sha}"
 
+    def expire_locations(self) -> int:
+        """Make every CDN location given so far expired (the CDN answers it 403); how many."""
+        with self._lock:
+            signed = list(self.signed)
+        with self.cdn._lock:
+            self.cdn.faults.expired_queries.update(signed)
+        return len(signed)
+
     def resolve_url(self, repo_id: str, revision: str, path: str) -> str:
         return f"{self.base_url}/{repo_id}/resolve/{revision}/{path}"
 
@@ -123,6 +134,7 @@ class Hub(Origin):
             self.tokens.clear()
             self.repos.clear()
             self.renamed.clear()
+            self.signed.clear()
 
     # -- the routes (called by Origin._app with the lock held) -----------------------------------
 
@@ -215,9 +227,10 @@ class Hub(Origin):
         common = [("x-repo-commit", commit), ("accept-ranges", "bytes")]
         if is_lfs(path):
             sha = hashlib.sha256(data).hexdigest()
-            location = self.cdn.url(self.blob_name(data)) + (
-                "?X-Amz-Expires=3600&X-Amz-Signature=0123456789abcdef"
-            )
+            self._signatures += 1
+            query = f"X-Amz-Expires=3600&X-Amz-Signature={self._signatures:016x}"
+            self.signed.append(query)
+            location = f"{self.cdn.url(self.blob_name(data))}?{query}"
             return _text(302, f"Found. Redirecting to {location}", *common,
                          ("location", location), ("x-linked-size", str(len(data))),
                          ("x-linked-etag", f'"{sha}"'), ("etag", f'"{sha}"'))  # fmt: skip

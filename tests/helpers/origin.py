@@ -37,6 +37,7 @@ class RequestLog:
     method: str
     path: str
     headers: dict[str, str]  # lower-cased names
+    query: str = ""  # the raw query string
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Faults:
     short_body: int | None = None  # full Content-Length but only this many bytes, then close (once)
     no_ranges: bool = False  # no Accept-Ranges, and Range is ignored (200 + the whole file)
     cut_every_after: int | None = None  # cut EVERY response after this many body bytes
+    expired_queries: set[str] = field(default_factory=set)  # these query strings answer 403
 
 
 @dataclass
@@ -243,9 +245,13 @@ class Origin:
             return
         method, path = scope["method"], scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = scope["query_string"].decode("latin-1")
         with self._lock:
-            self.requests.append(RequestLog(method, path, headers))
-            reply = self._decide(method, path.removeprefix("/"), headers)
+            self.requests.append(RequestLog(method, path, headers, query))
+            if query and query in self.faults.expired_queries:  # a signed URL past its expiry
+                reply = _text(403, "Request has expired\n")
+            else:
+                reply = self._decide(method, path.removeprefix("/"), headers)
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
         await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
         if method == "HEAD" or not reply.stream:
