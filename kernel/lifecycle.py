@@ -61,14 +61,14 @@ class Lifecycle:
     """Transitions, persistence and publishing of the records one manager owns."""
 
     def __init__(self, store: DownloadStore, bus: EventBus) -> None:
-        self.bus = bus
+        self._bus = bus
         self._writer = RecordWriter(store)
         self._last_progress: dict[str, float] = {}
         self._last_checkpoint: dict[str, float] = {}
 
     def created(self, rec: DownloadRecord) -> None:
         self.persist(rec)
-        self.bus.publish(DownloadCreated(snapshot(rec)))
+        self._bus.publish(DownloadCreated(snapshot(rec)))
 
     def set_status(self, rec: DownloadRecord, status: Status, error: str | None = None) -> None:
         previous = rec.status
@@ -81,7 +81,7 @@ class Lifecycle:
         elif status in ("queued", "downloading"):
             rec.error_message = None
         self.persist(rec)
-        self.bus.publish(DownloadStatus(snapshot(rec), previous))
+        self._bus.publish(DownloadStatus(snapshot(rec), previous))
         log.info(
             "download.status",
             model_id=rec.model_id,
@@ -101,7 +101,7 @@ class Lifecycle:
         now = time.monotonic()
         if now - self._last_progress.get(rec.model_id, 0.0) >= PROGRESS_INTERVAL_S:
             self._last_progress[rec.model_id] = now
-            self.bus.publish(DownloadProgress(snapshot(rec)))
+            self._bus.publish(DownloadProgress(snapshot(rec)))
         if now - self._last_checkpoint.get(rec.model_id, 0.0) >= CHECKPOINT_INTERVAL_S:
             self._last_checkpoint[rec.model_id] = now
             self.persist(rec)

@@ -523,12 +523,12 @@ class Transfer:
 
     async def _finish(self, size: int) -> bool:
         """Verify the complete ``.part`` and rename it into place."""
-        self.on_finalizing()
         rec = self.rec
         if rec.total_bytes and size != rec.total_bytes:
             raise TransientError(
                 f"The download ended at {size} of {rec.total_bytes} bytes.", reason="short_body"
             )
+        self.on_finalizing()  # from here nothing is retried: a pause waits for the rename
         expected = self.expected_sha256
         if expected is not None:
             digest = (
