@@ -67,6 +67,7 @@ class DownloadManager:
         self.settings = settings  # replaced whole by apply_settings, never changed in place
         self.plugins = plugins
         self.store = store
+        self.bus = bus
         self.engines = engines
         self.models_dir = Path(settings.storage.models_dir).resolve()
         self.files = ModelsDir(self.models_dir)
@@ -367,7 +368,7 @@ class DownloadManager:
         hooks: dict[str, Any] = {
             "on_progress": self.lifecycle.progress,
             "on_finalizing": lambda: self.scheduler.finalizing(model_id),
-            "on_retry": self.lifecycle.bus.publish,
+            "on_retry": self.bus.publish,  # download.retry: SSE clients, metrics
             "shared_bucket": self.bucket,
             "verifier": self.engines.verifier(rec.engine),
         }

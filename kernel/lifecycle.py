@@ -5,7 +5,9 @@ so two API calls can never interleave inside one. Each change is saved to the st
 background (:class:`~kernel._saves.RecordWriter`: in order, replies wait for durability with
 :meth:`Lifecycle.durable`) and published on the bus as a snapshot, which later changes to the
 live record do not affect. Progress is published at most every ``PROGRESS_INTERVAL_S`` and
-checkpointed to the store at least every ``CHECKPOINT_INTERVAL_S`` per download.
+checkpointed to the store at least every ``CHECKPOINT_INTERVAL_S`` per download; progress held
+back by the interval is published when the interval ends, so the last bytes before a quiet
+spell (a stall, a retry's backoff) are never missing from the stream.
 
     queued -> downloading -> (creating_engine) -> completed
     any non-terminal -> cancelled;  queued / downloading / creating_engine -> failed
@@ -14,6 +16,7 @@ checkpointed to the store at least every ``CHECKPOINT_INTERVAL_S`` per download.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -61,14 +64,15 @@ class Lifecycle:
     """Transitions, persistence and publishing of the records one manager owns."""
 
     def __init__(self, store: DownloadStore, bus: EventBus) -> None:
-        self.bus = bus
+        self._bus = bus
         self._writer = RecordWriter(store)
         self._last_progress: dict[str, float] = {}
         self._last_checkpoint: dict[str, float] = {}
+        self._trailing: dict[str, asyncio.TimerHandle] = {}  # held-back progress, by model id
 
     def created(self, rec: DownloadRecord) -> None:
         self.persist(rec)
-        self.bus.publish(DownloadCreated(snapshot(rec)))
+        self._bus.publish(DownloadCreated(snapshot(rec)))
 
     def set_status(self, rec: DownloadRecord, status: Status, error: str | None = None) -> None:
         previous = rec.status
@@ -81,7 +85,7 @@ class Lifecycle:
         elif status in ("queued", "downloading"):
             rec.error_message = None
         self.persist(rec)
-        self.bus.publish(DownloadStatus(snapshot(rec), previous))
+        self._bus.publish(DownloadStatus(snapshot(rec), previous))
         log.info(
             "download.status",
             model_id=rec.model_id,
@@ -97,17 +101,36 @@ class Lifecycle:
             self.set_status(rec, "failed", error=message)
 
     def progress(self, rec: DownloadRecord) -> None:
-        """A transfer moved bytes: publish and checkpoint, each at most at its interval."""
+        """A transfer moved bytes: publish and checkpoint, each at most at its interval. Bytes
+        inside the publish interval are published when it ends (one timer per download)."""
         now = time.monotonic()
-        if now - self._last_progress.get(rec.model_id, 0.0) >= PROGRESS_INTERVAL_S:
-            self._last_progress[rec.model_id] = now
-            self.bus.publish(DownloadProgress(snapshot(rec)))
+        wait = PROGRESS_INTERVAL_S - (now - self._last_progress.get(rec.model_id, 0.0))
+        if wait <= 0:
+            self._publish_progress(rec, now)
+        elif rec.model_id not in self._trailing:
+            loop = asyncio.get_running_loop()
+            self._trailing[rec.model_id] = loop.call_later(wait, self._trail, rec)
         if now - self._last_checkpoint.get(rec.model_id, 0.0) >= CHECKPOINT_INTERVAL_S:
             self._last_checkpoint[rec.model_id] = now
             self.persist(rec)
 
+    def _publish_progress(self, rec: DownloadRecord, now: float) -> None:
+        self._last_progress[rec.model_id] = now
+        if (handle := self._trailing.pop(rec.model_id, None)) is not None:
+            handle.cancel()
+        self._bus.publish(DownloadProgress(snapshot(rec)))
+
+    def _trail(self, rec: DownloadRecord) -> None:
+        """The interval ended with progress held back: publish it, unless the run ended."""
+        self._trailing.pop(rec.model_id, None)
+        if rec.status == "downloading":
+            self._publish_progress(rec, time.monotonic())
+
     def run_ended(self, model_id: str) -> None:
-        """A transfer stopped: its next run publishes its first progress at once."""
+        """A transfer stopped (its status event carries its last numbers): nothing held back
+        is published after it, and its next run publishes its first progress at once."""
+        if (handle := self._trailing.pop(model_id, None)) is not None:
+            handle.cancel()
         self._last_progress.pop(model_id, None)
         self._last_checkpoint.pop(model_id, None)
 

@@ -16,6 +16,11 @@ token bucket consulted per block from the thread.
 
 ``on_block(pos, data)``, when given, is called in the worker thread after each block is
 written (for a tee: checksums, uploads); ``data`` is only valid during the call.
+
+A body that only yields chunks (a plugin's ``Body.chunks``) goes through :class:`ChunkPump`
+instead: the chunks are gathered into blocks on the loop and each block is written by a
+worker thread. Both pumps can be ``cut`` while they run, which is how the split policy
+(kernel/transfer.py) hands the rest of a slow range to new connections, whatever the source.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from kernel._files import disk_error, pwrite_all
-from kernel.errors import PermanentError
-from kernel.types import BlockingBody, QueuingBody
+from kernel._files import disk_error, pwrite_all, write_at
+from kernel.errors import PermanentError, TransientError
+from kernel.types import BlockingBody, Body, QueuingBody
 
-__all__ = ["BlockingBody", "Pump", "is_blocking", "run_in_thread"]
+__all__ = ["BlockingBody", "ChunkPump", "Pump", "is_blocking", "run_in_thread"]
 
 FLUSH_S = 0.25  # the longest a block is held, and the most often the loop hears of progress
 
@@ -226,3 +231,104 @@ class Pump:
         if self.on_written is not None:
             self.on_written(len(data))
         self.pos += len(data)
+
+
+class ChunkPump:
+    """Moves a chunk-yielding ``body`` into ``fd`` from ``pos`` on, up to ``end`` (exclusive)
+    when given: chunks are gathered into blocks of ``block_size()`` bytes (or what arrived
+    within ``FLUSH_S``), each written at its offset by a worker thread. ``throttle(n)`` is
+    awaited per chunk. ``await pump.run(on_progress)`` runs it; ``on_progress(delta)`` is
+    called as each block lands. The counters the split policy reads (``pos``, ``published``,
+    ``busy_s``, ``blocks``, ``drained``, ``tid``) are those of :class:`Pump`; this loop has no
+    thread of its own to measure, so it always looks like it waits on its source."""
+
+    tid: int | None = None
+    busy_s = 0.0
+    blocks = 0
+    drained = 0
+
+    def __init__(
+        self,
+        body: Body,
+        fd: int,
+        path: str,
+        pos: int,
+        *,
+        end: int | None = None,
+        limit: int | None = None,
+        block_size: Callable[[], int],
+        throttle: Callable[[int], Awaitable[None]],
+        hasher: Any = None,
+        on_block: Callable[[int, memoryview], None] | None = None,
+        on_written: Callable[[int], None] | None = None,
+    ) -> None:
+        self.body = body
+        self.fd = fd
+        self.path = path
+        self.pos = pos  # bytes on disk up to here
+        self.published = pos
+        self.end = end
+        self.limit = limit
+        self.block_size = block_size
+        self.throttle = throttle
+        self.hasher = hasher
+        self.on_block = on_block
+        self.on_written = on_written
+        self._buffer = bytearray()
+
+    def cut(self, at: int) -> int:
+        """Make the pump stop at ``at`` instead of its end (never before the bytes it holds
+        already); the offset it will stop at. Called on the loop, as the pump runs on it."""
+        at = max(at, self.pos + len(self._buffer))
+        if self.end is not None:
+            at = min(at, self.end)
+        self.end = at
+        return at
+
+    async def run(self, on_progress: Callable[[int], None]) -> None:
+        buffer = self._buffer
+        flushed_at = time.monotonic()
+
+        async def flush() -> None:
+            nonlocal flushed_at
+            data = bytes(buffer)
+            buffer.clear()
+            flushed_at = time.monotonic()
+            try:
+                await write_at(self.fd, memoryview(data), self.pos, self.path)
+            except asyncio.CancelledError:
+                landed(data)  # a cancelled write is let land first: count it, once
+                raise
+            landed(data)
+
+        def landed(data: bytes) -> None:
+            if self.hasher is not None:
+                self.hasher.update(data)
+            if self.on_block is not None:
+                self.on_block(self.pos, memoryview(data))
+            if self.on_written is not None:
+                self.on_written(len(data))
+            self.pos += len(data)
+            self.published = self.pos
+            on_progress(len(data))
+
+        try:
+            async for chunk in self.body.chunks():
+                held = self.pos + len(buffer)
+                if self.limit is not None and held + len(chunk) > self.limit:
+                    raise PermanentError(
+                        f"The server sent more bytes than the {self.limit} it announced."
+                    )
+                if self.end is not None and held + len(chunk) >= self.end:
+                    buffer += chunk[: self.end - held]  # past a cut: the new segment's bytes
+                    break
+                buffer += chunk
+                await self.throttle(len(chunk))
+                if len(buffer) >= self.block_size() or time.monotonic() - flushed_at >= FLUSH_S:
+                    await flush()
+        except (asyncio.CancelledError, TransientError):
+            if buffer:  # keep every byte received: a resume continues after them
+                await flush()
+            raise
+        if buffer:
+            await flush()

@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,11 +39,10 @@ from kernel._files import (
     remove,
     rename_durably,
     size_of,
-    write_at,
 )
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
-from kernel.pump import FLUSH_S, Pump, is_blocking
+from kernel.pump import FLUSH_S, ChunkPump, Pump, is_blocking
 from kernel.segments import (
     Spawn,
     check_segments,
@@ -85,7 +83,7 @@ SPLIT_PROBES = 5  # probes before the one connection is left alone (one noisy pr
 _disk_usage = shutil.disk_usage
 
 
-def _busy_s(pump: Pump) -> float:
+def _busy_s(pump: Pump | ChunkPump) -> float:
     """Seconds the pump's thread ran or waited for a CPU (Linux schedstat: on a loaded
     machine a starved thread is CPU-bound too, not idle); its CPU time elsewhere."""
     if pump.tid is not None:
@@ -129,7 +127,7 @@ class Transfer:
         self._high_water = record.downloaded_bytes
         self._own_bucket = TokenBucket(lambda: record.max_bytes_per_second)
         self._shared_bucket = shared_bucket
-        self._pumps: dict[int, Pump] = {}  # id(segment) -> the pump fetching it now
+        self._pumps: dict[int, Pump | ChunkPump] = {}  # id(segment) -> the pump fetching it now
         # Called in a worker thread after each block lands in the .part (offset, bytes): the
         # seam for a tee of the byte stream. The view is only valid during the call.
         self.on_block = on_block
@@ -448,7 +446,7 @@ class Transfer:
         hasher: Any = None,
         writeback: Writeback,
         on_written: Callable[[int], None] | None = None,
-        on_pump: Callable[[Pump], None] | None = None,
+        on_pump: Callable[[Pump | ChunkPump], None] | None = None,
     ) -> int:
         """Move ``body`` into ``fd`` from ``pos`` (up to ``end``); the position reached.
         ``rec.downloaded_bytes`` and the transfer's counters follow as blocks land."""
@@ -460,80 +458,23 @@ class Transfer:
             writeback.wrote(delta)
             self.on_progress(rec)
 
-        if not is_blocking(body):
-            return await self._pump_chunks(
-                body, fd, pos, end=end, limit=limit, hasher=hasher, progress=progress,
-                on_written=on_written,
+        pump: Pump | ChunkPump
+        if is_blocking(body):
+            pump = Pump(
+                body, fd, rec.part_path, pos, end=end, limit=limit, block_size=self._pump_block,
+                throttle=self._throttle_blocking, hasher=hasher,
+                on_block=self.on_block, on_written=on_written,
             )  # fmt: skip
-        pump = Pump(
-            body, fd, rec.part_path, pos, end=end, limit=limit, block_size=self._pump_block,
-            throttle=self._throttle_blocking, hasher=hasher,
-            on_block=self.on_block, on_written=on_written,
-        )  # fmt: skip
+        else:
+            pump = ChunkPump(
+                body, fd, rec.part_path, pos, end=end, limit=limit, block_size=self._read_cap,
+                throttle=self._throttle, hasher=hasher,
+                on_block=self.on_block, on_written=on_written,
+            )  # fmt: skip
         if on_pump is not None:
             on_pump(pump)
         await pump.run(progress)
         return pump.pos
-
-    async def _pump_chunks(
-        self,
-        body: Any,
-        fd: int,
-        pos: int,
-        *,
-        end: int | None,
-        limit: int | None,
-        hasher: Any,
-        progress: Callable[[int], None],
-        on_written: Callable[[int], None] | None,
-    ) -> int:
-        """The loop for sources whose bodies only yield chunks: gather them into blocks, each
-        written by a worker thread."""
-        rec = self.rec
-        buffer = bytearray()
-        flushed_at = time.monotonic()
-
-        async def flush() -> None:
-            nonlocal pos, flushed_at
-            data = bytes(buffer)
-            buffer.clear()
-            flushed_at = time.monotonic()
-            try:
-                await write_at(fd, memoryview(data), pos, rec.part_path)
-            except asyncio.CancelledError:
-                landed(data)  # a cancelled write is let land first: count it, once
-                raise
-            landed(data)
-
-        def landed(data: bytes) -> None:
-            nonlocal pos
-            if hasher is not None:
-                hasher.update(data)
-            if self.on_block is not None:
-                self.on_block(pos, memoryview(data))
-            if on_written is not None:
-                on_written(len(data))
-            pos += len(data)
-            progress(len(data))
-
-        bound = end if end is not None else limit
-        try:
-            async for chunk in body.chunks():
-                if bound is not None and pos + len(buffer) + len(chunk) > bound:
-                    raise PermanentError(
-                        f"The server sent more bytes than the {bound} it announced."
-                    )
-                buffer += chunk
-                await self._throttle(len(chunk))
-                if len(buffer) >= self._read_cap() or time.monotonic() - flushed_at >= FLUSH_S:
-                    await flush()
-        except (asyncio.CancelledError, TransientError):
-            if buffer:  # keep every byte received: a resume continues after them
-                await flush()
-            raise
-        if buffer:
-            await flush()
-        return pos
 
     async def _check_free_space(self, needed: int) -> None:
         directory = os.path.dirname(self.rec.local_path) or "."
@@ -582,12 +523,12 @@ class Transfer:
 
     async def _finish(self, size: int) -> bool:
         """Verify the complete ``.part`` and rename it into place."""
-        self.on_finalizing()
         rec = self.rec
         if rec.total_bytes and size != rec.total_bytes:
             raise TransientError(
                 f"The download ended at {size} of {rec.total_bytes} bytes.", reason="short_body"
             )
+        self.on_finalizing()  # from here nothing is retried: a pause waits for the rename
         expected = self.expected_sha256
         if expected is not None:
             digest = (

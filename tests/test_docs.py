@@ -466,6 +466,65 @@ async def test_the_tutorial_source_gets_segmented_downloads_by_declaring_ranges(
     assert await asyncio.to_thread(Path(rec.local_path).read_bytes) == data
 
 
+async def test_the_tutorial_source_is_split_over_several_ranges_when_it_is_slow(
+    file_source: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a slow link (here: the tutorial's body paced to about 4 MiB/s, as an origin that
+    limits each connection would be), the kernel's adaptive splitting cuts the one range the
+    download started with and opens the tutorial's source several times with ``end=``; the
+    pieces land where they belong and the file arrives whole."""
+    from structlog.testing import capture_logs
+
+    from kernel.config import DownloadSettings, StorageSettings
+    from kernel.core import Kernel
+    from tests.helpers.data import blob
+
+    body_class = file_source.source.FileBody
+    plain_chunks = body_class.chunks
+
+    async def paced(self: Any) -> AsyncIterator[bytes]:
+        async for chunk in plain_chunks(self):
+            for at in range(0, len(chunk), 64 << 10):
+                await asyncio.sleep(0.015)  # about 4 MiB/s per connection
+                yield chunk[at : at + (64 << 10)]
+
+    opened: list[tuple[int, int | None]] = []
+    plain_open = file_source.source.FileSource.open
+
+    async def recorded(self: Any, offset: int, validator: str | None, end: int | None = None):
+        opened.append((offset, end))
+        return await plain_open(self, offset, validator, end)
+
+    monkeypatch.setattr(body_class, "chunks", paced)
+    monkeypatch.setattr(file_source.source.FileSource, "open", recorded)
+    data = blob(12 << 20)
+    src = tmp_path / "src" / "big.bin"
+    src.parent.mkdir()
+    src.write_bytes(data)
+    monkeypatch.setenv("FILE_SOURCE_ROOT", str(src.parent))
+    settings = Settings(
+        storage=StorageSettings(
+            models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")
+        ),
+        downloads=DownloadSettings(connections=4, segment_min_bytes=1 << 20),
+    )
+    kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
+    await kernel.start()
+    try:
+        with capture_logs() as logs:
+            await kernel.downloads.create(
+                model_id="big", url=f"file://{src}", sha256=hashlib.sha256(data).hexdigest()
+            )
+            rec = await until(kernel, "big", lambda r: r.status == "completed")
+    finally:
+        await kernel.stop()
+    assert any(e["event"] == "download.split" for e in logs), [e for e in logs if "split" in e["event"]]
+    ranged = [(offset, end) for offset, end in opened if end is not None]
+    assert len(ranged) >= 2, opened  # the first range and at least one piece cut from it
+    assert all(end < len(data) for _, end in ranged)
+    assert await asyncio.to_thread(Path(rec.local_path).read_bytes) == data
+
+
 async def until(
     running: Any, model_id: str, done: Callable[[DownloadRecord], bool]
 ) -> DownloadRecord:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import time
+from typing import Any
 
 import pytest
 
@@ -175,3 +179,75 @@ def test_a_rejected_file_name_names_the_given_param() -> None:
     with pytest.raises(InvalidRequest) as info:
         validate_filename("a/b", param="path")
     assert info.value.param == "path"
+
+
+# --- progress events: at most 4 a second, and the last bytes are never held back ----------
+
+
+def _progress_lifecycle() -> tuple[Any, Any, Any]:
+    from kernel.events import EventBus
+    from kernel.lifecycle import Lifecycle
+    from kernel.types import DownloadRecord
+    from tests.helpers.fakes import MemoryStore
+
+    bus = EventBus()
+    rec = DownloadRecord(model_id="m", url="https://example.com/m.bin", local_path="/x/m.bin")
+    rec.status = "downloading"
+    return Lifecycle(MemoryStore(), bus), bus, rec
+
+
+async def _progress_seen(sub: Any, wanted: int, seconds: float) -> list[int]:
+    """downloaded_bytes of every progress event until one shows ``wanted`` (or the deadline)."""
+    from kernel.types import DownloadProgress
+
+    seen: list[int] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while not seen or seen[-1] != wanted:
+                envelope = await sub.get()
+                if isinstance(envelope.event, DownloadProgress):
+                    seen.append(envelope.event.record.downloaded_bytes)
+    return seen
+
+
+async def test_progress_held_back_by_the_interval_is_published_when_it_ends() -> None:
+    """Two reports inside one interval, then silence (a stall, a retry's backoff): the first is
+    published at once, the second when the interval ends, not never."""
+    lifecycle, bus, rec = _progress_lifecycle()
+    with bus.subscribe() as sub:
+        rec.downloaded_bytes = 100
+        lifecycle.progress(rec)
+        rec.downloaded_bytes = 200
+        lifecycle.progress(rec)
+        began = time.monotonic()
+        seen = await _progress_seen(sub, 200, seconds=2)
+    assert seen == [100, 200]
+    assert time.monotonic() - began >= 0.2  # it waited for the interval to end
+
+
+async def test_progress_stays_at_most_four_a_second_with_a_report_every_millisecond() -> None:
+    lifecycle, bus, rec = _progress_lifecycle()
+    with bus.subscribe() as sub:
+        began = time.monotonic()
+        while time.monotonic() - began < 1.0:
+            rec.downloaded_bytes += 1
+            lifecycle.progress(rec)
+            await asyncio.sleep(0.001)  # paces the reports: this is the load, not a wait
+        last = rec.downloaded_bytes
+        seen = await _progress_seen(sub, last, seconds=2)
+    assert seen[-1] == last
+    assert len(seen) <= 6  # 1 s of reports (at most 5 intervals begun) plus the trailing one
+    assert seen == sorted(seen)
+
+
+async def test_nothing_held_back_is_published_after_the_run_ended() -> None:
+    lifecycle, bus, rec = _progress_lifecycle()
+    with bus.subscribe() as sub:
+        rec.downloaded_bytes = 100
+        lifecycle.progress(rec)
+        rec.downloaded_bytes = 200
+        lifecycle.progress(rec)
+        rec.status = "paused"  # the status event carries the last numbers
+        lifecycle.run_ended(rec.model_id)
+        seen = await _progress_seen(sub, 200, seconds=0.6)
+    assert seen == [100]
