@@ -616,3 +616,16 @@ def test_the_kernel_probes_no_plugin_object() -> None:
         ]
     assert handling >= 10  # downloads, transfer, segments, pump, engines, plugins, api...
     assert offenders == []
+
+
+async def test_create_refuses_keywords_it_does_not_know(start_kernel: StartKernel) -> None:
+    """A plugin calling ``kernel.downloads.create`` with a misspelt keyword gets a TypeError
+    naming it, as from any function, instead of a download created without it."""
+    kernel = await start_kernel(load_entrypoints=False)
+    with pytest.raises(TypeError, match="unexpected max_bytes_per_sec"):
+        await kernel.downloads.create(  # type: ignore[call-arg]
+            model_id="m", url="https://example.com/m.bin", max_bytes_per_sec=10
+        )
+    with pytest.raises(TypeError, match="missing url"):
+        await kernel.downloads.create(model_id="m")  # type: ignore[call-arg]
+    assert kernel.downloads.list() == []
