@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 from _http import RawConn
-from _nginx import Origin, pdeathsig, tool_path
+from _nginx import HUB_REPO, Origin, pdeathsig, tool_path
 from _server import Server, clean_env, proc_cpu, proc_mem, run_tool, runq_wait
 from _stats import CaseResult, Row, fmt, lag_metrics, median, pct, ratio
 
@@ -600,6 +600,103 @@ def _limited(ctx: Ctx, deadline: Deadline, https: bool) -> CaseResult:
         Row(
             n,
             "CPU s per GiB",
+            fmt(o.get("cpu_s_per_gib"), 2),
+            f"aria2c -x8 {fmt(a.get('cpu_s_per_gib'), 2)}, curl {fmt(c.get('cpu_s_per_gib'), 2)}",
+            ratio(o.get("cpu_s_per_gib"), a.get("cpu_s_per_gib")),
+        ),
+    ]
+    return res
+
+
+# --- case 7: a hub file (hf://) from a per-connection-limited HTTPS CDN ---------------------------
+
+
+def case7(ctx: Ctx, deadline: Deadline) -> CaseResult:
+    """``hf://bench/model/big.bin`` through the emulated hub (nginx: a 302 to ``/cdn/``, whose
+    ``limit_rate`` is per connection, like the hub's CDN), ours segmented
+    (``downloads.connections``) and ours on one connection (what every hf:// download got before
+    hf_source could fetch ranges), against curl and aria2c on the CDN URL itself."""
+    res = CaseResult("7. hf:// from a per-connection-limited HTTPS CDN")
+    name = "big.bin"
+    origin_file = ctx.origin.root / name
+    cdn = ctx.origin.cdn_url(name)
+    out_dir = ctx.workdir / "tools-c7"
+    out_dir.mkdir(exist_ok=True)
+    curl_trust, aria_trust, server_env = _trust(ctx, True)
+    tools = {
+        "curl (CDN URL)": (
+            [ctx.tools["curl"], "-s", *curl_trust, "-o", str(out_dir / "curl.bin"), cdn],
+            out_dir / "curl.bin",
+            False,
+        ),
+        "aria2c -x8 -s8 (CDN URL)": (
+            [ctx.tools["aria2c"], "-x8", "-s8", "-k1M", *ARIA_COMMON, *aria_trust,
+             "-d", str(out_dir), "-o", "aria.bin", cdn],
+            out_dir / "aria.bin",
+            False,
+        ),
+    }  # fmt: skip
+    ref = f"hf://{HUB_REPO}/{name}"
+    hub = {"sources": {"huggingface": {"endpoint": ctx.origin.hub_endpoint}}}
+    samples: list[Sample] = []
+    per_dl = 60 + ctx.size / (5 * MiB)
+    for label, connections, others in (
+        ("ours", ctx.connections, tools),
+        ("ours, 1 connection", 1, {}),
+    ):
+        config = {**hub, "downloads": {"connections": connections}}
+        server = Server(ctx.workdir, f"c7-{connections}", config, env=server_env)
+        server.start()
+        try:
+            got, problems = _download_case(
+                ctx, f"c7-{connections}", ref, others, server, ctx.runs2, deadline, per_dl,
+                origin_file, https=True,
+            )  # fmt: skip
+        finally:
+            server.stop()
+        samples += [Sample(label, s.seconds, s.cpu_s, s.rss_mib) if s.tool == "ours" else s
+                    for s in got]  # fmt: skip
+        res.notes += problems
+    s = summarize(samples, ctx.size)
+    res.raw.update(tools=s, cdn_rate=ctx.origin.cdn_rate, size_mib=ctx.size / MiB)
+    o, one = s.get("ours", {}), s.get("ours, 1 connection", {})
+    c, a = s.get("curl (CDN URL)", {}), s.get("aria2c -x8 -s8 (CDN URL)", {})
+    rate = f"limit_rate {ctx.origin.cdn_rate}/conn"
+    res.notes.append(
+        f"ours: {ref} with sources.huggingface.endpoint = {ctx.origin.hub_endpoint} (nginx "
+        f"answering the hub's HEADs), downloads.connections = {ctx.connections}; then a fresh "
+        "server with downloads.connections = 1 (one stream, as before hf_source fetched ranges)"
+    )
+    res.rows += [
+        Row(
+            "7",
+            f"hf:// throughput, HTTPS CDN {rate} (median of {o.get('runs', 0)}, "
+            f"connections={ctx.connections}), MiB/s",
+            fmt(o.get("mib_s")),
+            f"aria2c -x8 -s8 {fmt(a.get('mib_s'))}",
+            ratio(o.get("mib_s"), a.get("mib_s")),
+            ">= 0.9x aria2c -x8",
+            bool(o and a) and o["mib_s"] >= 0.9 * a["mib_s"],
+        ),
+        Row(
+            "7",
+            "hf:// throughput vs curl on the CDN URL (1 connection)",
+            fmt(o.get("mib_s")),
+            f"curl {fmt(c.get('mib_s'))}",
+            ratio(o.get("mib_s"), c.get("mib_s")),
+            ">= 3x curl",
+            bool(o and c) and o["mib_s"] >= 3 * c["mib_s"],
+        ),
+        Row(
+            "7",
+            "hf:// segmented vs one connection (before)",
+            fmt(o.get("mib_s")),
+            f"1 connection {fmt(one.get('mib_s'))}",
+            ratio(o.get("mib_s"), one.get("mib_s")),
+        ),
+        Row(
+            "7",
+            "hf:// CPU s per GiB (sha256 check included)",
             fmt(o.get("cpu_s_per_gib"), 2),
             f"aria2c -x8 {fmt(a.get('cpu_s_per_gib'), 2)}, curl {fmt(c.get('cpu_s_per_gib'), 2)}",
             ratio(o.get("cpu_s_per_gib"), a.get("cpu_s_per_gib")),
@@ -1205,5 +1302,5 @@ def case4(ctx: Ctx, deadline: Deadline) -> CaseResult:
     return res
 
 
-CASES = {1: case1, 2: case2, 3: case3, 4: case4, 5: case5, 6: case6}
+CASES = {1: case1, 2: case2, 3: case3, 4: case4, 5: case5, 6: case6, 7: case7}
 __all__ = ["CASES", "Ctx", "Deadline"]

@@ -10,6 +10,11 @@ openssl (``ca_file``: what curl, aria2c and our server are told to trust):
 
     /<name>            every generated file, Range supported (nginx does it natively)
     /limited/<name>    the same files, ``limit_rate 50m`` per connection (a CDN-like origin)
+    /cdn/<name>        the same files, ``limit_rate 20m`` per connection (the hub's CDN)
+    /hub/bench/model/resolve/<revision>/<name>
+                       a Hugging Face hub for the files ``add_hub_file`` named: a 302 to
+                       ``/cdn/<name>`` with a signed-looking query, and the headers the hub
+                       sends (X-Repo-Commit, X-Linked-Size, X-Linked-Etag: the sha256)
 """
 
 # ruff: noqa: S603 - a benchmark script: it runs fixed local commands
@@ -24,7 +29,11 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["Origin", "ensure_tools", "free_port", "pdeathsig", "tool_path"]
+__all__ = ["HUB_REPO", "Origin", "ensure_tools", "free_port", "pdeathsig", "tool_path"]
+
+HUB_REPO = "bench/model"  # the hub's one repository (its files: Origin.add_hub_file)
+HUB_COMMIT = "0b5e5c0ffee0b5e5c0ffee0b5e5c0ffee0b5e5c0"
+HUB_SIGNED = "X-Amz-Expires=3600&X-Amz-Signature=b3nch"  # the CDN URL's query (nginx ignores it)
 
 TOOLS = {
     "nginx": "nginx",
@@ -156,8 +165,22 @@ http {{
             alias {root}/;
             limit_rate {limit_rate};
         }}
-    }}
+        location /cdn/ {{
+            alias {root}/;
+            limit_rate {cdn_rate};
+        }}
+{hub}    }}
 }}
+"""
+
+
+HUB_FILE = """\
+        location ~ ^/hub/{repo}/resolve/[^/]+/{pattern}$ {{
+            add_header X-Repo-Commit {commit} always;
+            add_header X-Linked-Size {size} always;
+            add_header X-Linked-Etag '"{sha256}"' always;
+            return 302 https://127.0.0.1:{tls_port}/cdn/{name}?{signed};
+        }}
 """
 
 
@@ -192,11 +215,15 @@ class Origin:
     """nginx serving ``root``; ``url(name)`` and ``limited_url(name)`` give the file URLs,
     ``https_url`` and ``https_limited_url`` the same over TLS (trust ``ca_file``)."""
 
-    def __init__(self, nginx: str, workdir: Path, *, limit_rate: str = "50m") -> None:
+    def __init__(
+        self, nginx: str, workdir: Path, *, limit_rate: str = "50m", cdn_rate: str = "20m"
+    ) -> None:
         self.nginx = nginx
         self.tmp = workdir / "nginx"
         self.root = workdir / "www"
         self.limit_rate = limit_rate
+        self.cdn_rate = cdn_rate
+        self.hub_files: dict[str, str] = {}  # name -> sha256, served through the hub
         self.port = 0
         self.tls_port = 0
         self.tls_dir = workdir / "tls"
@@ -218,6 +245,19 @@ class Origin:
         path.write_bytes(data)
         path.chmod(0o644)
         return path
+
+    def add_hub_file(self, name: str, sha256: str) -> None:
+        """Serve the file ``name`` (already in root) as ``hf://bench/model/<name>`` through
+        ``hub_endpoint`` (set before ``start``)."""
+        self.hub_files[name] = sha256
+
+    @property
+    def hub_endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}/hub"
+
+    def cdn_url(self, name: str) -> str:
+        """Where the hub redirects ``name`` to (what curl and aria2c are given)."""
+        return f"https://127.0.0.1:{self.tls_port}/cdn/{name}?{HUB_SIGNED}"
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -246,6 +286,8 @@ class Origin:
                 tls_port=self.tls_port,
                 tls=self.tls_dir,
                 limit_rate=self.limit_rate,
+                cdn_rate=self.cdn_rate,
+                hub=self._hub_conf(),
                 user="user root;" if os.geteuid() == 0 else "",
             )
         )
@@ -271,6 +313,19 @@ class Origin:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"nginx did not listen within {timeout}s:\n{self._logs()}")
+
+    def _hub_conf(self) -> str:
+        """The hub's locations: one per file ``add_hub_file`` named."""
+        files = []
+        for name, sha256 in self.hub_files.items():
+            size = (self.root / name).stat().st_size
+            files.append(
+                HUB_FILE.format(
+                    repo=HUB_REPO, pattern=name.replace(".", r"\."), name=name, commit=HUB_COMMIT,
+                    size=size, sha256=sha256, tls_port=self.tls_port, signed=HUB_SIGNED,
+                )
+            )  # fmt: skip
+        return "".join(files)
 
     def _supports_e(self) -> bool:
         done = subprocess.run([self.nginx, "-h"], capture_output=True, text=True, check=False)

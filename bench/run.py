@@ -16,6 +16,7 @@ writes it to bench/results/latest.md (+ latest.json with the raw figures). See b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -51,9 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="256 MiB, 3 runs, shorter load phases")
     p.add_argument(
         "--cases",
-        default="1,2,5,6,3,4",
-        help="comma list of cases to run (default all: 1,2,5,6,3,4; 5 and 6 are 1 and 2 over "
-        "HTTPS)",
+        default="1,2,5,6,7,3,4",
+        help="comma list of cases to run (default all: 1,2,5,6,7,3,4; 5 and 6 are 1 and 2 over "
+        "HTTPS, 7 is 6 for an hf:// file)",
     )
     p.add_argument(
         "--size-mib", type=int, help="file size for cases 1 and 2 (default 1024, quick 256)"
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="downloads.connections for case 2, when the server has that setting (default 8)",
     )
     p.add_argument("--limit-rate", default="50m", help="nginx limit_rate per connection in case 2")
+    p.add_argument(
+        "--cdn-limit-rate", default="20m", help="nginx limit_rate per connection of case 7's CDN"
+    )
     p.add_argument(
         "--requests", type=int, help="case 3: total poller requests (default 3000, quick 1500)"
     )
@@ -106,9 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.case_list = list(dict.fromkeys(int(c) for c in args.cases.split(",") if c.strip()))
     except ValueError:
-        p.error("--cases takes numbers: 1,2,5,6,3,4")
+        p.error("--cases takes numbers: 1,2,5,6,7,3,4")
     if not set(args.case_list) <= set(CASES):
-        p.error(f"unknown case in {args.cases}: cases are 1-6")
+        p.error(f"unknown case in {args.cases}: cases are 1-7")
     return args
 
 
@@ -121,6 +125,7 @@ def budgets(args: argparse.Namespace) -> dict[int, float]:
         2: 60 + runs2 * (2 * size / 45 + size / 150),
         5: 60 + args.runs * 4 * size / 80,
         6: 60 + runs2 * (2 * size / 45 + size / 150),
+        7: 90 + runs2 * (2 * size / 18 + 2 * size / 80),
         3: 240 + args.requests / 50,
         4: 200 + 2 * args.window + args.scale / 5,
     }
@@ -151,7 +156,7 @@ def header(args: argparse.Namespace, tools: dict[str, str]) -> list[str]:
         "compare the ratios)",
         f"- tools: {_version([tools['nginx'], '-v'])}; {_version([tools['curl'], '--version'])}; "
         f"{_version([tools['aria2c'], '--version'])}; Python {platform.python_version()}",
-        f"- cases 1-2 (http) and 5-6 (https, a CA the bench made; our server has only "
+        f"- cases 1-2 (http) and 5-7 (https, a CA the bench made; our server has only "
         f"SSL_CERT_FILE=<that CA> to trust it): {args.size_mib} MiB random file from nginx "
         "(page cache warm), downloads to "
         f"the same temp filesystem, deleted between runs; case 1 {args.runs} runs per tool, case 2 "
@@ -179,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mkbench-", dir=args.tmp_dir))
     results_dir = Path(args.out).resolve().parent
     results_dir.mkdir(parents=True, exist_ok=True)
-    origin = Origin(tools["nginx"], workdir, limit_rate=args.limit_rate)
+    origin = Origin(
+        tools["nginx"], workdir, limit_rate=args.limit_rate, cdn_rate=args.cdn_limit_rate
+    )
     results: list[CaseResult] = []
     started = time.monotonic()
     interrupted = False
@@ -195,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         origin.add_random("big.bin", size)
         origin.add_random("scale.bin", 64 * MiB)
         origin.add_random("tiny.bin", 1024)
+        if 7 in args.case_list:  # the hub sends the file's sha256, which our server checks
+            with open(origin.root / "big.bin", "rb") as f:
+                origin.add_hub_file("big.bin", hashlib.file_digest(f, "sha256").hexdigest())
         warm(origin.root / "big.bin")
         origin.start(openssl=tools["openssl"])
         say(
             f"nginx on 127.0.0.1:{origin.port}, https on {origin.tls_port} (CA {origin.ca_file}); "
-            f"limit_rate {args.limit_rate} under /limited/"
+            f"limit_rate {args.limit_rate} under /limited/, {args.cdn_limit_rate} under /cdn/"
         )
         ctx = Ctx(
             workdir=workdir,

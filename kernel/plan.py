@@ -135,7 +135,20 @@ class Planner:
         )
 
     def _check(self, request: DownloadRequest) -> None:
-        """The request's own fields, before any source is asked about them."""
+        """The request's own fields, before any source is asked about them. A keyword that
+        is not one of DownloadRequest's, or a required one left out, is a caller's bug: a
+        TypeError, as for any function's keywords (type checkers catch it earlier)."""
+        unknown = request.keys() - DownloadRequest.__annotations__.keys()
+        missing = {"model_id", "url"} - request.keys()  # Required[] (strings at run time here)
+        if unknown or missing:
+            raise TypeError(
+                "create() takes DownloadRequest's keywords: "
+                + "; ".join(
+                    f"{what} {', '.join(sorted(names))}"
+                    for what, names in (("unexpected", unknown), ("missing", missing))
+                    if names
+                )
+            )
         validate_model_id(request["model_id"])
         validate_url(request["url"])
         NetPolicy(self.network).check_url(request["url"])  # a refused host or address: 400

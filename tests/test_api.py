@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from kernel.core import Kernel
 from kernel.types import EngineSpec
 from tests.conftest import make_settings
 from tests.helpers.api import assert_error, wait_for, wait_status
+from tests.helpers.fakes import EchoEngine, EchoPlugin
 from tests.helpers.origin import Origin
 
 PREFIXES = ["/v1/downloads", "/downloads"]
@@ -158,45 +158,6 @@ async def test_api_key_is_required_when_configured(keyed: Any) -> None:
 
 
 # --- a startup download, with a small real engine backend from a plugin -----------------------
-
-
-class EchoEngine:
-    def __init__(self, model_id: str, model_type: str) -> None:
-        self.model_id, self.model_type = model_id, model_type
-        self.closed = False
-
-    async def complete(self, prompt: str, max_tokens: int) -> str:
-        return prompt[:max_tokens]
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return [[float(len(t))] for t in texts]
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-class EchoBackend:
-    name = "echo"
-    aliases = ("echo-cpu",)
-
-    def __init__(self) -> None:
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.created: list[tuple[str, str, EngineSpec]] = []
-
-    async def create(self, model_id: str, path: str, model_type: str, spec: EngineSpec) -> EchoEngine:
-        await self.gate.wait()
-        self.created.append((model_id, path, spec))
-        return EchoEngine(model_id, model_type)
-
-
-class EchoPlugin:
-    def __init__(self) -> None:
-        self.backend = EchoBackend()
-
-    @hookimpl
-    def register_engine_backends(self, settings: Settings) -> list[EchoBackend]:
-        return [self.backend]
 
 
 @pytest.fixture

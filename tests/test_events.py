@@ -17,32 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
-from kernel import hookimpl
 from kernel.api.app import create_app
 from kernel.api.events import EventStreams
 from kernel.config import Settings
 from kernel.core import Kernel
 from kernel.events import EventBus
-from kernel.types import DownloadProgress, DownloadRecord, DownloadRetry, EngineSpec
-from tests.helpers.fakes import EchoEngine
+from kernel.types import DownloadProgress, DownloadRecord, DownloadRetry
+from tests.helpers.fakes import EchoPlugin
 from tests.helpers.origin import Origin
 from tests.helpers.server import AppServer
-
-
-class EchoBackend:
-    name = "echo"
-    aliases: tuple[str, ...] = ()
-
-    async def create(
-        self, model_id: str, path: str, model_type: str, spec: EngineSpec
-    ) -> EchoEngine:
-        return EchoEngine(model_id, model_type)
-
-
-class EchoPlugin:
-    @hookimpl
-    def register_engine_backends(self, settings: Settings) -> list[EchoBackend]:
-        return [EchoBackend()]
 
 
 @dataclass

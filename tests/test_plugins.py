@@ -618,6 +618,19 @@ def test_the_kernel_probes_no_plugin_object() -> None:
     assert offenders == []
 
 
+async def test_create_refuses_keywords_it_does_not_know(start_kernel: StartKernel) -> None:
+    """A plugin calling ``kernel.downloads.create`` with a misspelt keyword gets a TypeError
+    naming it, as from any function, instead of a download created without it."""
+    kernel = await start_kernel(load_entrypoints=False)
+    with pytest.raises(TypeError, match="unexpected max_bytes_per_sec"):
+        await kernel.downloads.create(  # type: ignore[call-arg]
+            model_id="m", url="https://example.com/m.bin", max_bytes_per_sec=10
+        )
+    with pytest.raises(TypeError, match="missing url"):
+        await kernel.downloads.create(model_id="m")  # type: ignore[call-arg]
+    assert kernel.downloads.list() == []
+
+
 def _imported_modules(path: Path, package: str) -> Iterator[tuple[int, str]]:
     """(line, absolute module name) of every import in ``path`` (a module of ``package``), at
     any depth: function-level and TYPE_CHECKING imports count."""

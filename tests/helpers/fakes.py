@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -17,7 +18,7 @@ import msgspec
 from kernel import hookimpl
 from kernel.config import Settings
 from kernel.errors import PermanentError, ValidatorChanged
-from kernel.types import DownloadRecord, DownloadStore, Event, Probe, Source
+from kernel.types import DownloadRecord, DownloadStore, EngineSpec, Event, Probe, Source
 
 __all__ = [
     "CHUNK",
@@ -180,3 +181,34 @@ class EchoEngine:
 
     async def close(self) -> None:
         pass
+
+
+class EchoBackend:
+    """An engine backend named ``echo`` (alias ``echo-cpu``) building EchoEngines. ``gate``
+    holds every create until it is set (set at first); ``created`` lists what was asked."""
+
+    name = "echo"
+    aliases: tuple[str, ...] = ("echo-cpu",)
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.created: list[tuple[str, str, EngineSpec]] = []
+
+    async def create(
+        self, model_id: str, path: str, model_type: str, spec: EngineSpec
+    ) -> EchoEngine:
+        await self.gate.wait()
+        self.created.append((model_id, path, spec))
+        return EchoEngine(model_id, model_type)
+
+
+class EchoPlugin:
+    """Registers one EchoBackend, kept as ``backend``."""
+
+    def __init__(self) -> None:
+        self.backend = EchoBackend()
+
+    @hookimpl
+    def register_engine_backends(self, settings: Settings) -> list[EchoBackend]:
+        return [self.backend]
