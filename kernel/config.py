@@ -154,7 +154,7 @@ class StoreSettings(_Section):
 
 
 class FleetSettings(_Section):
-    """This node in a fleet (used only with ``store.kind: postgres``)."""
+    """This node in a fleet: its id in the shared store, and the timing of the fleet's leases."""
 
     node_id: str | None = None  # None: the host name
     api_url: str | None = None  # how other nodes and operators reach this node (shown only)

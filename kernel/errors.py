@@ -13,8 +13,10 @@
     │   └── DownloadExists          a non-terminal download with that id already exists
     ├── InvalidState                the action is not allowed in the download's status
     ├── InvalidRequest              bad input; ``param`` names the offending field
-    └── EngineError                 an engine backend could not build or run an engine
-        └── ModelLoadingFailed      a model file given by path could not be loaded
+    ├── EngineError                 an engine backend could not build or run an engine
+    │   └── ModelLoadingFailed      a model file given by path could not be loaded
+    ├── StoreError                  a store (or its lease board) cannot be used, now or at all
+    └── LeaseLost                   a lease this node held was taken over or ran out
 
 Kernel errors know nothing about HTTP: the API maps each class to a status and an error type
 in one table (kernel/api/errors.py). Every error carries ``param`` (the request field it is
@@ -32,10 +34,12 @@ __all__ = [
     "InvalidRequest",
     "InvalidState",
     "KernelError",
+    "LeaseLost",
     "ModelLoadingFailed",
     "NotFound",
     "PermanentError",
     "SourceError",
+    "StoreError",
     "TransientError",
     "ValidatorChanged",
 ]
@@ -130,3 +134,17 @@ class ModelLoadingFailed(EngineError):
     server's: the file is not a model the engine can load)."""
 
     code = "model_loading_failed"
+
+
+class StoreError(KernelError):
+    """A store, or its lease board, cannot be used: unreachable (the caller may retry), damaged
+    or from a newer version (fatal at start); the message says why and what to do."""
+
+    code = "store_error"
+
+
+class LeaseLost(KernelError):
+    """This node no longer holds the lease (another node claimed it, or it ran out): the
+    holder must stop writing for it."""
+
+    code = "lease_lost"

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
+
+if TYPE_CHECKING:
+    from kernel.config import FleetSettings
 
 __all__ = [
     "ACTIVE",
@@ -41,6 +44,10 @@ __all__ = [
     "GeneratingEngine",
     "GpuInfo",
     "LazyEngine",
+    "Lease",
+    "LeaseBoard",
+    "LeaseState",
+    "LeasingStore",
     "ModelFileBackend",
     "NamedSource",
     "PickingSource",
@@ -335,6 +342,128 @@ class QuarantiningStore(Protocol):
     lists them, as ``model id: why``; ``GET /health/ready`` reports them."""
 
     quarantined: list[str]
+
+
+# --- leases: one node of a fleet fetches a file for all ------------------------------------
+# A store whose database the fleet shares may also keep leases (``LeasingStore``); the S3
+# cache plugin fetches through them. Nothing else in the kernel uses them.
+
+
+class LeaseState(msgspec.Struct, kw_only=True):
+    """A lease as the board last saw it (``LeaseBoard.read``)."""
+
+    file_key: str
+    holder: str | None  # the node id holding it, None when nobody does
+    token: int  # grows by one at every claim
+    live: bool  # the holder's lease has not run out
+    size: int | None
+    done: int  # bytes the holder reported
+    state: str  # fetching | complete | aborted
+    info: dict[str, Any]  # the holder's small document (an upload id...)
+    seconds_left: float
+
+
+@runtime_checkable
+class Lease(Protocol):
+    """A lease this node holds (``LeaseBoard.claim``). Every write is fenced by ``token``:
+    once another node has claimed the file, it changes nothing and raises LeaseLost."""
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The lease's document as claimed (a takeover finds its predecessor's upload id),
+        updated by ``write``."""
+        ...
+
+    @property
+    def valid(self) -> bool:
+        """Still ours as far as this node can tell: not fenced off, and renewed within the
+        lease time by this node's own clock (so a node cut off from the board stops)."""
+        ...
+
+    def check(self) -> None:
+        """Raise LeaseLost unless ``valid``."""
+        ...
+
+    async def write(
+        self,
+        *,
+        done: int | None = None,
+        size: int | None = None,
+        info: dict[str, Any] | None = None,
+        state: str | None = None,
+        renew: bool = True,
+    ) -> None:
+        """Renew the lease and record progress (``info`` is merged). Raises LeaseLost when
+        the lease was taken over, StoreError when the board cannot be reached."""
+        ...
+
+    async def complete(self, *, size: int, info: dict[str, Any] | None = None) -> None:
+        """The file is whole: nobody claims it again. Stops the heartbeat."""
+        ...
+
+    async def release(self, *, state: str | None = None) -> None:
+        """Give the lease up now, so another node can claim it at once. Never raises."""
+        ...
+
+    def start_heartbeat(self) -> None:
+        """Renew the lease in the background until ``stop_heartbeat``, ``complete`` or
+        ``release``, or until it is lost."""
+        ...
+
+    async def stop_heartbeat(self) -> None: ...
+
+
+@runtime_checkable
+class LeaseBoard(Protocol):
+    """One node's view of the fleet's leases, one per file key: who fetches each file, and
+    who wants it. ``start()`` before any other call, ``close()`` last."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def read(self, key: str) -> LeaseState | None: ...
+
+    async def wait_change(self, key: str, wait_s: float | None = None) -> bool:
+        """Return when the lease of ``key`` changes (True) or after ``wait_s`` seconds
+        (default: the board's poll interval; False)."""
+        ...
+
+    async def claim(
+        self, key: str, *, size: int | None = None, info: dict[str, Any] | None = None
+    ) -> Lease | None:
+        """The lease of ``key`` when nobody holds a live one and the file is not complete
+        (``info`` merged into its document), else None."""
+        ...
+
+    async def reset(self, key: str, *, state: str = "fetching") -> None:
+        """Forget the fetch of ``key`` (no holder, no upload id, 0 bytes): ``aborted`` unless
+        it is complete, ``fetching`` even when it is (its cached copy went missing)."""
+        ...
+
+    async def want(self, key: str, model_id: str) -> None:
+        """This node's download ``model_id`` wants the file."""
+        ...
+
+    async def unwant(self, key: str, model_id: str) -> int:
+        """It no longer does; returns how many downloads (of any node) still do."""
+        ...
+
+
+@runtime_checkable
+class LeasingStore(Protocol):
+    """A DownloadStore in a database the whole fleet shares, which also keeps its leases."""
+
+    def leases(self, fleet: FleetSettings) -> LeaseBoard:
+        """A new board for this node (its id is the store's), set up by ``fleet``'s
+        ``lease_s``, ``heartbeat_s``, ``poll_s`` and ``listen``. No I/O until ``start``."""
+        ...
 
 
 class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from kernel.config import (
 from kernel.core import Kernel
 from plugins.s3_cache.client import S3Client, S3Error
 from tests.conftest import make_settings
+from tests.helpers.fleet import until
 from tests.helpers.origin import Origin
 from tests.helpers.s3 import ACCESS_KEY, SECRET_KEY, Seaweed
 
@@ -46,13 +46,6 @@ def lease(dsn: str) -> tuple[object, ...] | None:
             "SELECT holder, state, info->>'upload_id', info->>'object' FROM mk_leases"
         ).fetchone()
 
-
-async def until(check: Callable[[], object], within: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_pause_hands_over_and_the_last_cancel_aborts_the_upload(
@@ -188,12 +181,13 @@ async def test_a_body_closed_before_it_is_read_gives_the_lease_back(
 ) -> None:
     """A pause right after the open: the holder's heartbeat must not keep the lease alive."""
     from kernel.httpclient import HttpSource
+    from plugins.pg_store.store import PgStore
     from plugins.s3_cache.fleet import Fleet, FleetSource
 
     url = origin.add_file("fleet-unread.bin", os.urandom(2 * MiB))
     settings = node(tmp_path, pg_dsn, seaweed, s3_bucket.bucket, "n").settings
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    fleet = Fleet(settings, pg_dsn, "n", env)
+    fleet = Fleet(settings, PgStore(pg_dsn, "n").leases(settings.fleet), env)
     source = FleetSource(HttpSource(url), fleet, "m")
     try:
         await source.probe()

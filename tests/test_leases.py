@@ -17,7 +17,10 @@ import pytest
 
 pytest.importorskip("psycopg", reason="psycopg is not installed (the [fleet] extra)")
 
-from plugins.pg_store.leases import LeaseLost, LeaseManager, file_key
+from kernel.errors import LeaseLost  # noqa: E402
+from kernel.types import Lease, LeaseBoard  # noqa: E402
+from plugins.pg_store.leases import LeaseManager  # noqa: E402
+from tests.helpers.fleet import until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,18 +40,14 @@ async def nodes(pg_dsn: str) -> AsyncIterator[Callable[..., LeaseManager]]:
         await manager.close()
 
 
-async def until(check: Callable[[], object], within: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
-
-def test_the_file_key_prefers_the_digest() -> None:
-    assert file_key("https://a/x", "e1", "AB" * 32) == "sha256:" + "ab" * 32
-    assert file_key("https://b/y", None, "ab" * 32) == file_key("https://a/x", "e", "ab" * 32)
-    assert file_key("https://a/x", '"e1"', None) != file_key("https://a/x", '"e2"', None)
+async def test_the_manager_is_the_declared_lease_board(nodes: Callable[..., object]) -> None:
+    """What s3_cache relies on is kernel.types' LeaseBoard and Lease, nothing of this plugin."""
+    manager = await nodes("n")  # type: ignore[misc]
+    assert isinstance(manager, LeaseBoard)
+    lease = await manager.claim("k")
+    assert isinstance(lease, Lease)
+    await lease.release()
 
 
 async def test_exactly_one_of_many_claimers_wins(nodes: Callable[..., object]) -> None:
@@ -194,7 +193,8 @@ HOLDER = textwrap.dedent(
     """
     import asyncio, sys
     import structlog
-    from plugins.pg_store.leases import LeaseLost, LeaseManager
+    from kernel.errors import LeaseLost
+    from plugins.pg_store.leases import LeaseManager
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 

@@ -13,7 +13,7 @@ import pytest
 
 from kernel.config import FleetSettings, Settings, StoreSettings, load_settings
 from kernel.core import Kernel
-from kernel.errors import KernelError
+from kernel.errors import KernelError, StoreError
 from kernel.types import DownloadRecord
 from tests.conftest import make_settings
 from tests.helpers.origin import Origin
@@ -22,7 +22,7 @@ from tests.helpers.pg import PgCluster, find_pg_bin
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the [fleet] extra)")
 
 from plugins.pg_store import store_dsn  # noqa: E402
-from plugins.pg_store.store import SCHEMA_VERSION, PgStore, StoreError  # noqa: E402
+from plugins.pg_store.store import SCHEMA_VERSION, PgStore  # noqa: E402
 from plugins.sqlite_store.store import SqliteStore  # noqa: E402
 
 
@@ -253,6 +253,6 @@ async def test_the_s3_cache_without_the_shared_store_stops_the_start(tmp_path: P
     settings = make_settings(tmp_path)
     settings.cache = CacheSettings(s3=S3CacheSettings(endpoint="http://127.0.0.1:9", bucket="b"))
     kernel = Kernel(settings, load_entrypoints=False)
-    with pytest.raises(KernelError, match=r"cache.s3 needs store.kind: postgres"):
+    with pytest.raises(KernelError, match=r"cache.s3 needs a store that keeps the fleet's leases"):
         await kernel.start()
     assert not kernel.started

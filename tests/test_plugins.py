@@ -629,3 +629,39 @@ async def test_create_refuses_keywords_it_does_not_know(start_kernel: StartKerne
     with pytest.raises(TypeError, match="missing url"):
         await kernel.downloads.create(model_id="m")  # type: ignore[call-arg]
     assert kernel.downloads.list() == []
+
+
+def _imported_modules(path: Path, package: str) -> Iterator[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path`` (a module of ``package``), at
+    any depth: function-level and TYPE_CHECKING imports count."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    parts = package.split(".")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's own package up
+                anchor = parts[: len(parts) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield node.lineno, base
+            if base == "plugins":  # ``from plugins import pg_store``
+                yield from ((node.lineno, f"plugins.{alias.name}") for alias in node.names)
+
+
+def test_no_plugin_imports_another() -> None:
+    """What plugins share is declared by the kernel (kernel.types, kernel.hookspecs) or lives
+    in a kernel module: no builtin plugin package imports another, so each one can be
+    replaced by a third party's."""
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    packages = sorted(p.parent.name for p in (root / "plugins").glob("*/__init__.py"))
+    assert {"pg_store", "s3_cache", "hf_source", "http_source"} <= set(packages)
+    for name in packages:
+        for path in sorted((root / "plugins" / name).rglob("*.py")):
+            package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+            for line, module in _imported_modules(path, package):
+                found = module.split(".")
+                if found[0] == "plugins" and len(found) > 1 and found[1] != name:
+                    offenders.append(f"{path.relative_to(root)}:{line}: {module}")
+    assert offenders == []

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kernel.errors import StoreError
 from kernel.types import DownloadRecord
 from plugins.sqlite_store import SqliteStore
-from plugins.sqlite_store.store import StoreError
 from tests.helpers.server import ServerProcess
 
 

@@ -5,7 +5,9 @@ Active only with ``store: {kind: postgres, dsn: ...}`` in the config (the DSN ma
 used. Needs the ``[fleet]`` extra (psycopg 3), imported only when the plugin is active, so a
 node without the extra starts as before. The node id is ``fleet.node_id``, else the host name.
 While the kernel runs, the node's row in ``mk_nodes`` gets a heartbeat every
-``fleet.heartbeat_s`` seconds (the cluster view reads it).
+``fleet.heartbeat_s`` seconds (the cluster view reads it). The store is also a
+``LeasingStore``: the fleet's leases (``leases.py``) live in the same database, for the S3 cache
+(``s3_cache``), which finds them through that declared capability, not through this package.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kernel.errors import KernelError
 if TYPE_CHECKING:
     from kernel.types import DownloadStore
 
-__all__ = ["node_id_of", "open_store", "register_routes", "shutdown", "startup", "store_dsn"]
+__all__ = ["open_store", "register_routes", "shutdown", "startup", "store_dsn"]
 
 log = structlog.get_logger()
 DSN_ENV = "MODELKERNEL_STORE_DSN"
@@ -41,24 +43,19 @@ def store_dsn(settings: Settings) -> str | None:
     return dsn
 
 
-def node_id_of(settings: Settings) -> str:
-    from plugins.pg_store.store import default_node_id
-
-    return settings.fleet.node_id or default_node_id()
-
-
 @hookimpl
 def open_store(settings: Settings) -> DownloadStore | None:
     dsn = store_dsn(settings)
     if dsn is None:
         return None
     try:
-        from plugins.pg_store.store import PgStore
+        from plugins.pg_store.store import PgStore, default_node_id
     except ImportError as exc:  # psycopg missing
         raise KernelError(
             "store.kind is postgres but psycopg is not installed: pip install 'modelkernel[fleet]'."
         ) from exc
-    return PgStore(dsn, node_id_of(settings), api_url=settings.fleet.api_url)
+    node_id = settings.fleet.node_id or default_node_id()
+    return PgStore(dsn, node_id, api_url=settings.fleet.api_url)
 
 
 async def _beat(store: Any, every: float) -> None:

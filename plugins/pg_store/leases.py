@@ -1,10 +1,12 @@
 """Leases with fencing: exactly one node of a fleet fetches a given file from the origin.
 
-A lease row per file key (the sha256 when known, else URL + validator; see ``file_key``) in
-``mk_leases`` holds the holder's node id, a monotonic ``token``, ``lease_until`` (database time,
-so node clocks never matter), the bytes done and a small ``info`` document (the S3 upload id,
-the validator...). A node claims a file with one conditional statement: it wins only when
-nobody holds a live lease and the file is not complete, and every win increments the token.
+``LeaseManager`` is this store's ``LeaseBoard`` (``kernel.types``; ``PgStore.leases`` makes
+one). A lease row per file key (the caller's: the S3 cache uses the sha256 when known, else the
+URL and validator) in ``mk_leases`` holds the holder's node id, a monotonic ``token``,
+``lease_until`` (database time, so node clocks never matter), the bytes done and a small
+``info`` document (the S3 upload id, the validator...). A node claims a file with one
+conditional statement: it wins only when nobody holds a live lease and the file is not
+complete, and every win increments the token.
 
 Every write of the holder (heartbeat, progress, completion) names its token and changes
 nothing when the token moved on: a holder that was frozen past its lease (SIGSTOP, a long GC
@@ -29,38 +31,14 @@ import msgspec
 import psycopg
 import structlog
 
-from kernel.errors import KernelError
-from plugins.pg_store.store import StoreError, migrate
+from kernel.errors import LeaseLost, StoreError
+from kernel.types import LeaseState
+from plugins.pg_store.store import migrate
 
-__all__ = ["Lease", "LeaseLost", "LeaseManager", "LeaseState", "file_key"]
+__all__ = ["Lease", "LeaseManager"]
 
 log = structlog.get_logger()
 CHANNEL = "mk_lease"
-
-
-def file_key(url: str, validator: str | None, sha256: str | None) -> str:
-    """The key a file's lease is under: its sha256 when known (the same bytes from any URL),
-    else the URL and the validator (ETag) of the version being fetched."""
-    if sha256:
-        return f"sha256:{sha256.lower()}"
-    return f"url:{url}#{validator or ''}"
-
-
-class LeaseLost(KernelError):
-    """This node no longer holds the lease: another node took over (or it ran out)."""
-
-
-class LeaseState(msgspec.Struct, kw_only=True):
-    file_key: str
-    holder: str | None
-    token: int
-    live: bool  # the lease has not run out (by the database's clock)
-    size: int | None
-    done: int
-    state: str  # fetching | complete | aborted
-    info: dict[str, Any]
-    seconds_left: float
-
 
 _COLUMNS = (
     "file_key, holder, token, lease_until > now(), size, done, state, info::text,"

@@ -21,16 +21,19 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import psycopg
 import structlog
 
-from kernel.errors import KernelError
-from kernel.types import DownloadRecord
+from kernel.errors import StoreError
+from kernel.types import DownloadRecord, LeaseBoard
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PgStore", "StoreError", "default_node_id"]
+if TYPE_CHECKING:
+    from kernel.config import FleetSettings
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PgStore", "default_node_id"]
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -103,10 +106,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _MIGRATION_LOCK = 0x6D6B5F6D69677261
 
 
-class StoreError(KernelError):
-    """The shared database cannot be used; the message says why."""
-
-
 def default_node_id() -> str:
     return socket.gethostname() or "node"
 
@@ -134,6 +133,9 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
 
 
 class PgStore:
+    """A ``DownloadStore`` and a ``LeasingStore``: the fleet's leases live in the same
+    database (``leases.py``)."""
+
     def __init__(self, dsn: str, node_id: str, *, api_url: str | None = None) -> None:
         self.dsn = dsn
         self.node_id = node_id
@@ -148,6 +150,18 @@ class PgStore:
         self._migrated = False
         self.batches_written = 0
         self.quarantined: list[str] = []  # "model id: why", for records that could not load
+
+    def leases(self, fleet: FleetSettings) -> LeaseBoard:
+        from plugins.pg_store.leases import LeaseManager
+
+        return LeaseManager(
+            self.dsn,
+            self.node_id,
+            lease_s=fleet.lease_s,
+            heartbeat_s=fleet.heartbeat_s,
+            poll_s=fleet.poll_s,
+            listen=fleet.listen,
+        )
 
     # --- connection ----------------------------------------------------------------------
 

@@ -1,16 +1,15 @@
 """s3_cache: an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS) as a fleet's model
 cache, so each file is fetched from its origin once for the whole fleet.
 
-Active only with both ``store: {kind: postgres}`` (the leases live in the shared database) and
-``cache: {s3: {endpoint, bucket, ...}}``; otherwise every hook here does nothing and nothing
-of the ``[fleet]`` extra is imported. It wraps the source the other plugins resolve (a pluggy
-wrapper on ``resolve_source``) in a ``FleetSource`` (see ``fleet.py``), and listens for cancels
-(``on_event``) so the shared fetch stops when the last node that wanted the file cancels.
-``client.S3Client`` is the small SigV4 client it uses.
-
-It builds on ``pg_store`` (the leases, ``plugins/pg_store/leases.py``, live in the store's
-database and its migrations): the one builtin plugin that imports another, and only when the
-cache is configured, which needs the postgres store anyway.
+Active only with ``cache: {s3: {endpoint, bucket, ...}}`` and a store that keeps the fleet's
+leases (a ``kernel.types.LeasingStore``: the builtin ``pg_store``, with ``store: {kind:
+postgres}``, is one; a third-party store may be another); otherwise every hook here does nothing
+and nothing of the ``[fleet]`` extra is imported. A pluggy wrapper on ``open_store`` takes the
+lease board from whichever store won, before any download runs; a wrapper on ``resolve_source``
+wraps the source the other plugins resolve in a ``FleetSource`` (see ``fleet.py``); and
+``on_event`` listens for cancels, so the shared fetch stops when the last node that wanted the
+file cancels. ``client.S3Client`` is the small SigV4 client it uses. It imports no other plugin:
+the leases are the declared ``LeaseBoard`` and ``Lease`` of ``kernel.types``.
 """
 
 from __future__ import annotations
@@ -22,36 +21,52 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from kernel import hookimpl
-from kernel.config import Settings
+from kernel.config import ConfigError, Settings
 from kernel.errors import KernelError
-from kernel.types import DownloadStatus, Event, Source
+from kernel.types import DownloadStatus, DownloadStore, Event, LeaseBoard, LeasingStore, Source
 
 if TYPE_CHECKING:
     from plugins.s3_cache.fleet import Fleet
 
-__all__ = ["fleet_of", "on_event", "resolve_source", "shutdown", "startup"]
+__all__ = ["fleet_of", "on_event", "open_store", "resolve_source", "shutdown", "startup"]
 
 log = structlog.get_logger()
-_fleets: dict[int, Fleet] = {}  # by id(settings): one per kernel
+# Per running kernel, keyed by its state directory (see ``_kernel_key``).
+_boards: dict[str, LeaseBoard] = {}  # from the store, until the Fleet is built
+_fleets: dict[str, Fleet] = {}
 
 
-def _active(settings: Settings) -> bool:
-    return settings.cache.s3 is not None and settings.store.kind == "postgres"
+def _kernel_key(settings: Settings) -> str:
+    """Which kernel ``settings`` belong to: its state directory, which a running kernel holds
+    locked, so it names one kernel even with several in a process. Not ``id(settings)``: the
+    kernel replaces its Settings whole when the downloads settings change."""
+    return settings.storage.state_dir
 
 
 def fleet_of(settings: Settings) -> Fleet | None:
-    """This kernel's Fleet (lease manager + bucket client), or None when the cache is off."""
-    if not _active(settings):
+    """This kernel's Fleet (lease board + bucket client), or None when the cache is off."""
+    if settings.cache.s3 is None:
         return None
-    fleet = _fleets.get(id(settings))
+    key = _kernel_key(settings)
+    fleet = _fleets.get(key)
     if fleet is None:
-        from plugins.pg_store import node_id_of, store_dsn
+        board = _boards.get(key)
+        if board is None:
+            return None  # the store keeps no leases: startup stops the kernel
         from plugins.s3_cache.fleet import Fleet
 
-        dsn = store_dsn(settings)
-        assert dsn is not None
-        fleet = _fleets[id(settings)] = Fleet(settings, dsn, node_id_of(settings), dict(os.environ))
+        fleet = _fleets[key] = Fleet(settings, board, dict(os.environ))
+        del _boards[key]
     return fleet
+
+
+@hookimpl(wrapper=True)
+def open_store(settings: Settings) -> Generator[None, DownloadStore | None, DownloadStore | None]:
+    store = yield
+    _boards.pop(_kernel_key(settings), None)
+    if settings.cache.s3 is not None and isinstance(store, LeasingStore):
+        _boards[_kernel_key(settings)] = store.leases(settings.fleet)
+    return store
 
 
 @hookimpl(wrapper=True)
@@ -74,11 +89,19 @@ def resolve_source(ref: str, settings: Settings) -> Generator[None, Source | Non
 @hookimpl
 def startup(kernel: Any) -> None:
     settings = kernel.settings
-    if settings.cache.s3 is not None and settings.store.kind != "postgres":
-        raise KernelError(
-            "cache.s3 needs store.kind: postgres: the fleet's leases live in the shared database."
+    if settings.cache.s3 is None:
+        return
+    key = _kernel_key(settings)
+    if key not in _boards and key not in _fleets:
+        raise ConfigError(
+            "cache.s3 needs a store that keeps the fleet's leases (store.kind: postgres): "
+            "they live in the shared database."
         )
-    fleet_of(settings)  # missing bucket keys are reported at start, not at the first download
+    try:
+        fleet_of(settings)  # missing bucket keys are reported at start, not at the first download
+    except KernelError:
+        _boards.pop(key, None)
+        raise
 
 
 @hookimpl
@@ -108,5 +131,7 @@ def on_event(event: Event) -> Any:
 
 @hookimpl
 def shutdown(kernel: Any) -> Any:
-    fleet = _fleets.pop(id(kernel.settings), None)
+    key = _kernel_key(kernel.settings)
+    _boards.pop(key, None)
+    fleet = _fleets.pop(key, None)
     return None if fleet is None else fleet.close()

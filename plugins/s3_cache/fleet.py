@@ -12,8 +12,8 @@ verifies size and sha256 before its rename. ``open(offset)``:
   (the previous holder died or stopped) lists the uploaded parts (ListParts) and resumes the
   origin with Range from the first missing part; when its own file is behind that point it
   first fills the bucket and then reads its file from it;
-* someone else holds the lease: wait (LISTEN/NOTIFY, polling as the fallback) until the file is
-  complete, or the lease runs out (then claim it).
+* someone else holds the lease: wait (``LeaseBoard.wait_change``: LISTEN/NOTIFY and polling on
+  ``pg_store``'s board) until the file is complete, or the lease runs out (then claim it).
 
 A holder that loses its lease (fenced by the token) stops fetching: its stream raises a
 transient fault, the transfer reopens, and this node then reads from the bucket like the others.
@@ -31,14 +31,12 @@ from typing import Any
 
 import structlog
 
-from kernel.config import Settings
-from kernel.errors import PermanentError, TransientError, ValidatorChanged
-from kernel.types import Body, Probe, Source
-from plugins.pg_store.leases import Lease, LeaseLost, LeaseManager, file_key
-from plugins.pg_store.store import StoreError
+from kernel.config import ConfigError, Settings
+from kernel.errors import LeaseLost, PermanentError, StoreError, TransientError, ValidatorChanged
+from kernel.types import Body, Lease, LeaseBoard, Probe, Source
 from plugins.s3_cache.client import Part, S3Client, S3Error, iterate
 
-__all__ = ["Fleet", "FleetSource"]
+__all__ = ["Fleet", "FleetSource", "file_key"]
 
 log = structlog.get_logger()
 # Parts uploading while the holder reads on: it reads at most this many parts ahead of its
@@ -48,28 +46,28 @@ PROGRESS_S = 0.5  # how often a holder writes its progress to the lease (the wai
 BYPASS_AFTER = 2  # bucket failures in a row after which a node fetches from the origin itself
 
 
-class Fleet:
-    """This node's lease manager and bucket client, started on first use."""
+def file_key(url: str, validator: str | None, sha256: str | None) -> str:
+    """The key a file's lease is under: its sha256 when known (the same bytes from any URL),
+    else the URL and the validator (ETag) of the version being fetched."""
+    if sha256:
+        return f"sha256:{sha256.lower()}"
+    return f"url:{url}#{validator or ''}"
 
-    def __init__(self, settings: Settings, dsn: str, node_id: str, env: dict[str, str]) -> None:
+
+class Fleet:
+    """This node's lease board (the store's) and bucket client, started on first use."""
+
+    def __init__(self, settings: Settings, leases: LeaseBoard, env: dict[str, str]) -> None:
         s3 = settings.cache.s3
         assert s3 is not None
-        fleet = settings.fleet
-        self.node_id = node_id
+        self.node_id = leases.node_id
         self.models_dir = str(Path(settings.storage.models_dir).resolve())
         self.part_size = s3.part_size
         self.prefix = s3.prefix
-        self.leases = LeaseManager(
-            dsn,
-            node_id,
-            lease_s=fleet.lease_s,
-            heartbeat_s=fleet.heartbeat_s,
-            poll_s=fleet.poll_s,
-            listen=fleet.listen,
-        )
+        self.leases = leases
         access, secret = env.get(s3.access_key_env), env.get(s3.secret_key_env)
         if not access or not secret:
-            raise StoreError(
+            raise ConfigError(
                 f"cache.s3 is set but ${s3.access_key_env} / ${s3.secret_key_env} are not: "
                 "the bucket's keys come from those environment variables."
             )

@@ -29,11 +29,11 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
-from kernel.errors import KernelError
+from kernel.errors import StoreError
 from kernel.types import DownloadRecord
 from plugins.sqlite_store._wal import wal_damage
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore", "StoreError"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
 T = TypeVar("T")
 
@@ -47,10 +47,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 log = structlog.get_logger()
-
-
-class StoreError(KernelError):
-    """The state database cannot be used; the message says why and what to do."""
 
 
 class SqliteStore:

@@ -7,8 +7,9 @@ installed, ``psycopg`` or ``weed`` missing); .ci/run installs PostgreSQL when it
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -16,7 +17,7 @@ from plugins.s3_cache.client import S3Client
 from tests.helpers.pg import PgCluster, find_pg_bin
 from tests.helpers.s3 import ACCESS_KEY, SECRET_KEY, Seaweed, find_weed
 
-__all__ = ["pg_cluster", "pg_dsn", "s3_bucket", "seaweed"]
+__all__ = ["pg_cluster", "pg_dsn", "s3_bucket", "seaweed", "until"]
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +63,12 @@ async def s3_bucket(seaweed: Seaweed) -> AsyncIterator[S3Client]:
         yield client
     finally:
         await client.aclose()
+
+
+async def until(check: Callable[[], object], within: float = 30.0) -> None:
+    """Poll ``check`` (every 20 ms) until it holds; fail the test after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
