@@ -12,10 +12,13 @@ loop a single-stream download uses.
 Splitting is adaptive (issue 12's measurements: on a fast link one stream beats several,
 because every extra connection adds GIL hand-offs per TLS record; against an origin that
 limits each connection, more connections win). A new segmented download starts as one
-segment over the whole file; ``split`` (the transfer's policy) watches its throughput and cuts
-the running range into more segments only when one connection is slow, each new one on its
-own connection. The table in the record always covers the file, so a checkpoint taken at any
-moment resumes correctly.
+segment over the whole file; ``split`` (the transfer's policy) watches its throughput and, only
+when one connection is slow, cuts its range after a piece and starts more connections. Each
+connection then takes pieces in file order, cut from the front of what is left, smaller and
+smaller (``piece_size``): the connections end together, and the file's contiguous prefix
+grows about as fast as the download, so its sha256 is nearly done at the last byte
+(kernel/prefix_hash.py). The table in the record always covers the file, so a checkpoint
+taken at any moment resumes correctly.
 """
 
 from __future__ import annotations
@@ -34,15 +37,20 @@ __all__ = [
     "check_segments",
     "contiguous",
     "cut_segment",
+    "piece_size",
     "plan_segments",
     "preallocate",
     "run_segments",
 ]
 
 MIN_PIECE = 4 << 20  # no range is cut into pieces smaller than this
+# A free connection takes this share of what nobody fetches yet, over the connections running:
+# pieces shrink towards the end, so the connections finish together and the last ranges
+# complete about in file order (the contiguous prefix, which the sha256 follows, keeps up).
+GUIDED = 2
 
 Fetch = Callable[[Any, list[int]], Awaitable[None]]  # (body, segment): its bytes to disk
-Spawn = Callable[[list[int]], None]  # start fetching a new segment
+Spawn = Callable[[], None]  # start one more connection
 Split = Callable[[Spawn], Coroutine[Any, Any, None]]  # the splitting policy, run beside the fetches
 
 
@@ -51,28 +59,58 @@ def plan_segments(size: int, connections: int) -> list[list[int]]:
     return [[start, min(size, start + step), 0] for start in range(0, size, step)]
 
 
+def piece_size(left: int, connections: int) -> int:
+    """How much of ``left`` unclaimed bytes a connection takes next."""
+    return max(MIN_PIECE, math.ceil(left / (GUIDED * max(1, connections))))
+
+
 async def run_segments(
     rec: DownloadRecord,
     source: RangedSource,
     validator: str | None,
     *,
     fetch: Fetch,
+    connections: int,
     split: Split | None = None,
 ) -> None:
-    """Fetch every unfinished segment concurrently (and those ``split`` adds while they run).
-    The first failure stops the others and is raised; cancellation stops all of them before
-    returning."""
+    """Fetch every unfinished segment on ``connections`` connections at once (more when
+    ``split`` spawns them). Each takes the first unfinished segment nobody fetches, in file
+    order; a segment not yet started is first cut to ``piece_size`` when several connections
+    run (the rest stays in the table as a segment of its own). The first failure stops the
+    others and is raised; cancellation stops all of them before returning."""
     assert rec.segments is not None
+    table = rec.segments
     tasks: list[asyncio.Task[None]] = []
+    claimed: set[int] = set()  # id() of the segments being fetched
 
-    def spawn(seg: list[int]) -> None:
-        tasks.append(asyncio.create_task(_fetch(seg, source, validator, fetch)))
+    def claim() -> list[int] | None:
+        free = [s for s in table if id(s) not in claimed and s[2] < s[1] - s[0]]
+        if not free:
+            return None
+        seg = free[0]
+        if seg[2] == 0 and len(tasks) > 1:
+            size = piece_size(sum(s[1] - s[0] - s[2] for s in free), len(tasks))
+            if seg[1] - seg[0] >= size + MIN_PIECE:  # no sliver is left behind
+                index = next(i for i, s in enumerate(table) if s is seg)
+                table.insert(index + 1, [seg[0] + size, seg[1], 0])
+                seg[1] = seg[0] + size
+        claimed.add(id(seg))
+        return seg
 
-    for seg in rec.segments:
-        if seg[2] < seg[1] - seg[0]:
-            spawn(seg)
-    if not tasks:
+    async def connection() -> None:
+        while (seg := claim()) is not None:
+            try:
+                await _fetch(seg, source, validator, fetch)
+            finally:
+                claimed.discard(id(seg))
+
+    def spawn() -> None:
+        tasks.append(asyncio.create_task(connection()))
+
+    if all(s[2] >= s[1] - s[0] for s in table):
         return
+    for _ in range(max(1, connections)):
+        spawn()
     splitter: asyncio.Task[None] | None = None
     if split is not None:
         splitter = asyncio.create_task(split(spawn))
@@ -93,6 +131,8 @@ async def run_segments(
             raise task.exception()  # type: ignore[misc]
     if splitter is not None and _failed(splitter):
         raise splitter.exception()  # type: ignore[misc]
+    if any(s[2] < s[1] - s[0] for s in table):  # a connection that ended found nothing left
+        raise TransientError("A range of the file was left unfetched.", reason="short_body")
 
 
 def _failed(task: asyncio.Task[None]) -> bool:
@@ -117,26 +157,23 @@ async def _fetch(seg: list[int], source: RangedSource, validator: str | None, fe
 
 
 def cut_segment(
-    rec: DownloadRecord, seg: list[int], cut_at: Callable[[int], int], pos: int, pieces: int
-) -> list[list[int]]:
-    """Split what is left of ``seg`` (whose connection is at ``pos``) into ``pieces`` about
-    equal ranges: ``cut_at(offset)`` stops its connection there (or a little later: the
-    offset it returns), and the rest becomes new segments, inserted after it in the table.
-    Returns the new segments (none when too little is left)."""
+    rec: DownloadRecord, seg: list[int], cut_at: Callable[[int], int], pos: int, keep: int
+) -> list[int] | None:
+    """Stop ``seg``'s connection (now at ``pos``) about ``keep`` bytes further on:
+    ``cut_at(offset)`` stops it there (or a little later: the offset it returns). What lies
+    past the cut becomes one new segment, not started, inserted after it in the table; it is
+    returned (None when less than ``MIN_PIECE`` would be left on either side)."""
     assert rec.segments is not None
     old_end = seg[1]
-    left = old_end - pos
-    pieces = min(pieces, left // MIN_PIECE)
-    if pieces < 2:
-        return []
-    cut = cut_at(pos + left // pieces)
+    if keep < MIN_PIECE or old_end - pos - keep < MIN_PIECE:
+        return None
+    cut = cut_at(pos + keep)
     if cut >= old_end:
-        return []
-    step = math.ceil((old_end - cut) / (pieces - 1))
-    new = [[b, min(old_end, b + step), 0] for b in range(cut, old_end, step)]
+        return None
+    new = [cut, old_end, 0]
     seg[1] = cut
     index = next(i for i, s in enumerate(rec.segments) if s is seg)
-    rec.segments[index + 1 : index + 1] = new
+    rec.segments.insert(index + 1, new)
     return new
 
 

@@ -49,6 +49,7 @@ from kernel.segments import (
     check_segments,
     contiguous,
     cut_segment,
+    piece_size,
     plan_segments,
     preallocate,
     run_segments,
@@ -356,7 +357,10 @@ class Transfer:
             if prefix is not None:
                 landed()  # a resumed table: hash what is on disk while the rest arrives
                 prefix.start()
-            await run_segments(rec, source, validator, fetch=fetch, split=split)
+            await run_segments(
+                rec, source, validator, fetch=fetch, split=split,
+                connections=1 if split is not None else self.settings.connections,
+            )  # fmt: skip
             if prefix is not None:
                 prefix.ended(rec.total_bytes)  # the rest is hashed during the final flush
             await writeback.sync()
@@ -415,30 +419,23 @@ class Transfer:
         return (moved2 - moved) / took, (busy2 - busy) / took, share
 
     def _split_to(self, connections: int, spawn: Spawn) -> bool:
-        """Cut the running ranges so ``connections`` run, the new pieces shared out by how
-        much each range has left. True when anything was split."""
+        """Cut the one running range after its share of a piece (kernel/segments.py
+        ``piece_size``) and start ``connections - 1`` more connections, which take the rest
+        piece by piece. True when it was split."""
         rec = self.rec
         assert rec.segments is not None
         running = [s for s in rec.segments if id(s) in self._pumps and s[2] < s[1] - s[0]]
-        extra = connections - sum(1 for s in rec.segments if s[2] < s[1] - s[0])
-        if extra <= 0 or not running:
+        if len(running) != 1 or connections <= 1:
             return False
-        left = {id(s): s[1] - self._pumps[id(s)].pos for s in running}
-        total, wanted = sum(left.values()) or 1, extra
-        split = False
-        for seg in sorted(running, key=lambda s: -left[id(s)]):
-            pieces = 1 + max(1, round(wanted * left[id(seg)] / total))
-            pump = self._pumps[id(seg)]
-            new = cut_segment(rec, seg, pump.cut, pump.pos, min(pieces, 1 + extra))
-            for piece in new:
-                spawn(piece)
-            extra -= len(new)
-            split = split or bool(new)
-            if extra <= 0:
-                break
-        if split:
-            log.info("download.split", connections=len(rec.segments))
-        return split
+        seg = running[0]
+        pump = self._pumps[id(seg)]
+        keep = piece_size(seg[1] - pump.pos, connections)
+        if cut_segment(rec, seg, pump.cut, pump.pos, keep) is None:
+            return False
+        for _ in range(connections - 1):
+            spawn()
+        log.info("download.split", connections=connections)
+        return True
 
     def _pump_block(self) -> int:
         return min(PUMP_BLOCK, self._read_cap())

@@ -27,6 +27,7 @@ from tests.helpers.api import wait_for, wait_status
 from tests.helpers.hub import Hub, gguf_blob
 from tests.helpers.origin import RequestLog
 from tests.helpers.tls import TestCA
+from tests.test_segments import assert_split_into_pieces
 from tests.test_hf_source import (  # noqa: F401 - the fixtures of the emulated hub over TLS
     AUTH,
     TOKEN,
@@ -93,12 +94,11 @@ async def test_a_hub_file_from_a_per_connection_limited_cdn_comes_over_several_r
     assert done["sha256"] == sha(data)
     assert Path(done["local_path"]).read_bytes() == data
     gets = cdn_gets(hub, data)
-    found = ranges(gets)
-    assert found[0] == (0, len(data) - 1)  # one connection over the whole file first
-    assert len(found) == CONNECTIONS  # then, as it was slow, split into `connections`
+    # one connection over the whole file first; then, as it was slow, pieces over `connections`
+    assert_split_into_pieces(ranges(gets), len(data), CONNECTIONS)
     assert all("authorization" not in r.headers for r in gets)  # the token stays on the hub
     cdn_etag = hub.cdn._files[Hub.blob_name(data)].etag
-    assert [r.headers.get("if-range") for r in gets[1:]] == [cdn_etag] * (CONNECTIONS - 1)
+    assert [r.headers.get("if-range") for r in gets[1:]] == [cdn_etag] * (len(gets) - 1)
     # The split opens reused the location the first open got: two HEADs, not one per range.
     assert hub_heads(hub) == [
         "/owner/repo/resolve/main/model.gguf",  # probe: the revision -> commit

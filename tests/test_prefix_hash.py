@@ -11,12 +11,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from structlog.testing import capture_logs
 
 import kernel.segments
 from kernel.api.app import create_app
+from kernel.config import HubSettings, SourcesSettings
 from kernel.core import Kernel
 from kernel.prefix_hash import PrefixHash
 from kernel.segments import contiguous, cut_segment
@@ -24,6 +26,7 @@ from kernel.types import DownloadRecord
 from tests.conftest import make_settings
 from tests.helpers.api import wait_for, wait_status
 from tests.helpers.data import blob
+from tests.helpers.hub import Hub
 from tests.helpers.origin import Origin
 
 MiB = 1 << 20
@@ -73,12 +76,13 @@ def test_the_prefix_ends_at_the_first_incomplete_segment_and_survives_a_cut() ->
     rec.segments = [[0, 4 * MiB, 4 * MiB], [4 * MiB, 10 * MiB, MiB]]
     assert contiguous(rec.segments) == 5 * MiB
     # the running segment is cut: the rest is inserted after it, not yet started
-    new = cut_segment(rec, rec.segments[1], lambda at: at, 5 * MiB, 2)
-    assert new == [[rec.segments[1][1], 10 * MiB, 0]]
+    new = cut_segment(rec, rec.segments[1], lambda at: at, 5 * MiB, 2 * MiB)
+    assert new == [7 * MiB, 10 * MiB, 0] and rec.segments[2] is new
+    assert rec.segments[1] == [4 * MiB, 7 * MiB, MiB]
     assert contiguous(rec.segments) == 5 * MiB
-    rec.segments[1][2] = rec.segments[1][1] - 4 * MiB  # the cut segment completes
-    assert contiguous(rec.segments) == new[0][0]
-    new[0][2] = 10 * MiB - new[0][0]
+    rec.segments[1][2] = 3 * MiB  # the cut segment completes
+    assert contiguous(rec.segments) == 7 * MiB
+    new[2] = 3 * MiB
     assert contiguous(rec.segments) == 10 * MiB
 
 
@@ -129,10 +133,12 @@ async def test_a_split_download_hashes_most_of_the_file_before_its_last_byte(
             done = await wait_status(client, "ph", "completed", timeout=60)
     assert done["sha256"] == digest
     assert Path(done["local_path"]).read_bytes() == data
-    assert ranged_gets(origin, "ph.bin") == 4  # split: the ranges landed out of order
+    assert ranged_gets(origin, "ph.bin") > 4  # split into pieces: they landed out of order
     [hashed] = hashed_logs(logs)
     assert hashed["bytes"] == len(data)
-    assert hashed["hashed_before_end"] > 0
+    # the pieces complete about in file order: the digest follows closely (with the whole
+    # file cut into one range per connection, the first range held it back to a quarter)
+    assert hashed["hashed_before_end"] >= len(data) * 3 // 4
     assert not hash_threads()
 
 
@@ -148,7 +154,7 @@ async def test_a_corrupted_byte_in_one_range_fails_the_checksum(
     async with segmented(tmp_path) as client:
         digest = await start(client, "phbad", url, data)
         failed = await wait_status(client, "phbad", "failed", timeout=60)
-    assert ranged_gets(origin, "phbad.bin") == 4
+    assert ranged_gets(origin, "phbad.bin") > 4
     assert failed["error_message"] == (
         f"Checksum mismatch: the file's sha256 is not the expected {digest}; "
         "the partial file was removed."
@@ -193,3 +199,35 @@ async def test_a_retried_range_keeps_the_digest_right(tmp_path: Path, origin: Or
     assert done["sha256"] == digest
     assert Path(done["local_path"]).read_bytes() == data
     assert len(hashed_logs(logs)) == 1
+
+
+async def test_each_file_of_a_set_is_hashed_while_its_pieces_arrive(
+    tmp_path: Path, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kernel/fileset.py runs one Transfer per file: each file of a repository pulled with
+    ``include`` splits on its share of the connections and is hashed as it goes."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    files = {f"part-{i}.bin": blob(3 * MiB + i, 20 + i) for i in range(2)}
+    with Hub(cdn=origin) as hub:
+        hub.add_repo("owner/parts", files)
+        origin.faults.throttle_bps = MiB
+        settings = msgspec.structs.replace(
+            make_settings(tmp_path, connections=4, segment_min_bytes=MiB),
+            sources=SourcesSettings(huggingface=HubSettings(endpoint=hub.base_url)),
+        )
+        kernel = Kernel(settings, load_entrypoints=False)
+        async with AsyncTestClient(app=create_app(kernel)) as client:
+            with capture_logs() as logs:
+                body = {"model_id": "parts", "url": "hf://owner/parts", "include": ["*.bin"]}
+                assert (await client.post("/v1/downloads", json=body)).status_code == 202
+                done = await wait_status(client, "parts", "completed", timeout=60)
+    assert [f["sha256"] for f in done["files"]] == [
+        hashlib.sha256(data).hexdigest() for data in files.values()
+    ]
+    for data in files.values():  # two files at once, two connections each: split
+        assert ranged_gets(origin, Hub.blob_name(data)) > 2
+    hashed = sorted(hashed_logs(logs), key=lambda e: e["bytes"])
+    assert [e["bytes"] for e in hashed] == [len(data) for data in files.values()]
+    assert all(e["hashed_before_end"] >= e["bytes"] // 2 for e in hashed)

@@ -240,8 +240,9 @@ def test_a_segmented_download_resumes_every_segment_after_kill_9(tmp_path: Path,
         server.stop()
     assert Path(done["local_path"]).read_bytes() == data
     ranges = [r.headers["range"] for r in origin.requests_for("segkill.bin") if r.method == "GET"]
-    assert len(ranges) == 4  # every segment continued on its own connection
     starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in ranges)
     ends = sorted(int(r.split("-")[1]) + 1 for r in ranges)
     assert starts[0] > 0  # the first segment continued, not restarted
-    assert all(start not in (0, *ends) for start in starts)  # each from where it had got to
+    # every started segment continued from where it had got to, on its own connection (a range
+    # that starts where none ends); the rest of the file, not started, came in pieces after them
+    assert len([start for start in starts if start not in ends]) == 4

@@ -39,6 +39,26 @@ def ranges(origin: Origin, name: str) -> list[str]:
     return sorted(r.headers.get("range", "") for r in origin.requests_for(name) if r.method == "GET")
 
 
+def assert_split_into_pieces(spans: list[tuple[int, int]], size: int, connections: int) -> None:
+    """``spans`` (first, last byte of each range asked for, sorted) are one connection over
+    the whole file, cut, then pieces in file order covering the rest exactly: at least one
+    per added connection, none under MIN_PIECE, shrinking towards the end (the last may be
+    larger: it keeps the sliver a cut would have left)."""
+    assert spans[0] == (0, size - 1)
+    pieces = spans[1:]
+    assert len(pieces) >= connections - 1
+    assert pieces[-1][1] == size - 1
+    assert all(b[0] == a[1] + 1 for a, b in zip(pieces, pieces[1:], strict=False))
+    sizes = [last + 1 - first for first, last in pieces]
+    assert min(sizes) >= kernel.segments.MIN_PIECE
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True)
+
+
+def spans(found: list[str]) -> list[tuple[int, int]]:
+    pairs = [r.removeprefix("bytes=").split("-") for r in found]
+    return sorted((int(first), int(last)) for first, last in pairs)
+
+
 async def start(client: Any, model_id: str, url: str) -> None:
     response = await client.post("/v1/downloads", json={"model_id": model_id, "url": url})
     assert response.status_code == 202, response.text
@@ -58,8 +78,9 @@ async def test_a_slow_connection_is_split_over_several_ranges(tmp_path: Path, or
         done = await wait_status(client, "seg", "completed", timeout=60)
     assert Path(done["local_path"]).read_bytes() == data
     found = ranges(origin, "seg.bin")
-    assert f"bytes=0-{len(data) - 1}" in found  # one connection over the whole file first
-    assert len(found) == 4  # then, as that one was slow and idle, split into `connections` (4)
+    # one connection over the whole file first; then, as that one was slow and idle, pieces
+    # over `connections` (4)
+    assert_split_into_pieces(spans(found), len(data), 4)
     assert all(r.headers.get("if-range") for r in origin.requests_for("seg.bin") if r.method == "GET")
 
 
@@ -114,7 +135,7 @@ async def test_one_probe_that_looks_cpu_bound_does_not_decide_for_good(
         done = await wait_status(client, "noisy", "completed", timeout=60)
     assert Path(done["local_path"]).read_bytes() == data
     assert len(probes) == 2
-    assert len(ranges(origin, "noisy.bin")) == 4
+    assert_split_into_pieces(spans(ranges(origin, "noisy.bin")), len(data), 4)
 
 
 async def test_small_files_stay_on_one_connection(tmp_path: Path, origin: Origin) -> None:
