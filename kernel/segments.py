@@ -30,7 +30,14 @@ from kernel._files import open_nofollow
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
 from kernel.types import DownloadRecord, RangedSource
 
-__all__ = ["check_segments", "cut_segment", "plan_segments", "preallocate", "run_segments"]
+__all__ = [
+    "check_segments",
+    "contiguous",
+    "cut_segment",
+    "plan_segments",
+    "preallocate",
+    "run_segments",
+]
 
 MIN_PIECE = 4 << 20  # no range is cut into pieces smaller than this
 
@@ -131,6 +138,16 @@ def cut_segment(
     index = next(i for i, s in enumerate(rec.segments) if s is seg)
     rec.segments[index + 1 : index + 1] = new
     return new
+
+
+def contiguous(segments: list[list[int]]) -> int:
+    """How many bytes from 0 are on disk: up to the first segment that is not complete (its
+    start plus its confirmed bytes). Call it on the loop, where cuts happen: a cut shortens a
+    segment and inserts the rest after it in one step."""
+    for start, end, done in segments:
+        if done < end - start:
+            return start + done
+    return segments[-1][1] if segments else 0
 
 
 def preallocate(path: str, size: int) -> None:

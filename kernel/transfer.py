@@ -42,10 +42,12 @@ from kernel._files import (
 )
 from kernel.config import DownloadSettings
 from kernel.errors import PermanentError, TransientError, ValidatorChanged
+from kernel.prefix_hash import PrefixHash
 from kernel.pump import FLUSH_S, ChunkPump, Pump, is_blocking
 from kernel.segments import (
     Spawn,
     check_segments,
+    contiguous,
     cut_segment,
     plan_segments,
     preallocate,
@@ -121,6 +123,9 @@ class Transfer:
         self.probe: Probe | None = None
         self.transferred = 0  # bytes received over the network in this run
         self._hasher: Any = None  # running sha256 of the part, when a digest is expected
+        # A segmented download's: the sha256 of its contiguous prefix, kept across retries of
+        # this run while its segment table is (kernel/prefix_hash.py).
+        self._prefix: PrefixHash | None = None
         self.on_retry = on_retry  # each transient fault, before its backoff
         self._segments_ok = True
         # The furthest the file has ever got in this run: only bytes beyond it are progress.
@@ -224,6 +229,7 @@ class Transfer:
         self.rec.downloaded_bytes = 0
         self.rec.run_start_bytes = 0
         self.probe = None
+        self._prefix = None
 
     async def _attempt(self) -> bool:
         """One connection's worth of work. True when the final file is in place."""
@@ -315,12 +321,21 @@ class Transfer:
             await self._check_free_space(rec.total_bytes)
             rec.segments = plan_segments(rec.total_bytes, 1)  # split later if one is slow
             await asyncio.to_thread(preallocate, rec.part_path, rec.total_bytes)
+            self._prefix = None  # a new table: whatever was hashed is written again
         check_segments(rec)
         rec.validator = validator
         rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
         log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
         fd = await asyncio.to_thread(open_nofollow, rec.part_path, os.O_WRONLY)
         writeback = Writeback(fd)
+        if self._prefix is None and self.expected_sha256 is not None:
+            self._prefix = PrefixHash(rec.part_path)
+        prefix = self._prefix
+        segments = rec.segments
+
+        def landed() -> None:
+            if prefix is not None:
+                prefix.advance(contiguous(segments))
 
         async def fetch(body: Any, seg: list[int]) -> None:
             def written(n: int) -> None:
@@ -330,20 +345,29 @@ class Transfer:
             try:
                 await self._pump(
                     body, fd, start + done, end=end, writeback=writeback, on_written=written,
-                    on_pump=lambda pump: self._pumps.__setitem__(id(seg), pump),
+                    on_pump=lambda pump: self._pumps.__setitem__(id(seg), pump), on_landed=landed,
                 )  # fmt: skip
             finally:
                 self._pumps.pop(id(seg), None)
 
         split = self._split_when_slow if len(rec.segments) == 1 else None
+        complete = False
         try:
+            if prefix is not None:
+                landed()  # a resumed table: hash what is on disk while the rest arrives
+                prefix.start()
             await run_segments(rec, source, validator, fetch=fetch, split=split)
+            if prefix is not None:
+                prefix.ended(rec.total_bytes)  # the rest is hashed during the final flush
             await writeback.sync()
+            complete = True
         finally:
             os.close(fd)
+            if prefix is not None and not complete:
+                await prefix.stop()
         rec.segments = None  # complete: from here on the .part is one whole file
         self._hasher = None
-        return await self._finish(rec.total_bytes)
+        return await self._finish(rec.total_bytes, prefix)
 
     async def _split_when_slow(self, spawn: Spawn) -> None:
         """The splitting policy: measure the one connection for PROBE_S. When it is slow and
@@ -447,15 +471,19 @@ class Transfer:
         writeback: Writeback,
         on_written: Callable[[int], None] | None = None,
         on_pump: Callable[[Pump | ChunkPump], None] | None = None,
+        on_landed: Callable[[], None] | None = None,
     ) -> int:
         """Move ``body`` into ``fd`` from ``pos`` (up to ``end``); the position reached.
-        ``rec.downloaded_bytes`` and the transfer's counters follow as blocks land."""
+        ``rec.downloaded_bytes`` and the transfer's counters follow as blocks land, and then
+        ``on_landed()`` is called (on the loop, unlike ``on_written``)."""
         rec = self.rec
 
         def progress(delta: int) -> None:
             rec.downloaded_bytes += delta
             self.transferred += delta
             writeback.wrote(delta)
+            if on_landed is not None:
+                on_landed()
             self.on_progress(rec)
 
         pump: Pump | ChunkPump
@@ -521,8 +549,23 @@ class Transfer:
         log.info("download.already_present", path=rec.local_path)
         return True
 
-    async def _finish(self, size: int) -> bool:
-        """Verify the complete ``.part`` and rename it into place."""
+    async def _finish(self, size: int, prefix: PrefixHash | None = None) -> bool:
+        """Verify the complete ``.part`` and rename it into place. ``prefix``: a segmented
+        download's digest so far, still hashing the rest (stopped here if not used)."""
+        try:
+            return await self._verify_and_rename(size, prefix)
+        finally:
+            if prefix is not None:
+                await prefix.stop()
+
+    async def _digest(self, size: int, prefix: PrefixHash | None) -> str:
+        if self._hasher is not None:
+            return str(self._hasher.hexdigest())
+        if prefix is not None:
+            return await prefix.digest(size)
+        return await asyncio.to_thread(file_sha256, self.rec.part_path)
+
+    async def _verify_and_rename(self, size: int, prefix: PrefixHash | None) -> bool:
         rec = self.rec
         if rec.total_bytes and size != rec.total_bytes:
             raise TransientError(
@@ -531,11 +574,7 @@ class Transfer:
         self.on_finalizing()  # from here nothing is retried: a pause waits for the rename
         expected = self.expected_sha256
         if expected is not None:
-            digest = (
-                self._hasher.hexdigest()
-                if self._hasher is not None
-                else await asyncio.to_thread(file_sha256, rec.part_path)
-            )
+            digest = await self._digest(size, prefix)
             if digest != expected:
                 await asyncio.to_thread(remove, rec.part_path)
                 rec.downloaded_bytes = 0

@@ -78,6 +78,17 @@ def test_ignore_range(origin: Origin, client: httpx.Client, url: str) -> None:
     assert "content-range" not in r.headers
 
 
+def test_corrupt_at_flips_one_byte_in_every_body_covering_it(
+    origin: Origin, client: httpx.Client, url: str
+) -> None:
+    origin.faults.corrupt_at = 1000
+    whole, ranged = client.get(url).content, client.get(url, headers={"Range": "bytes=900-"})
+    assert [i for i in range(SIZE) if whole[i] != DATA[i]] == [1000]
+    assert whole[1000] == DATA[1000] ^ 0xFF
+    assert ranged.content[100] == DATA[1000] ^ 0xFF and ranged.content[101:] == DATA[1001:]
+    assert client.get(url, headers={"Range": "bytes=1001-"}).content == DATA[1001:]
+
+
 def test_unsatisfiable_range(client: httpx.Client, url: str) -> None:
     r = client.get(url, headers={"Range": f"bytes={SIZE}-"})
     assert r.status_code == 416

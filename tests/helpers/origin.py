@@ -54,6 +54,7 @@ class Faults:
     no_ranges: bool = False  # no Accept-Ranges, and Range is ignored (200 + the whole file)
     cut_every_after: int | None = None  # cut EVERY response after this many body bytes
     expired_queries: set[str] = field(default_factory=set)  # these query strings answer 403
+    corrupt_at: int | None = None  # every body covering this file offset has that byte flipped
 
 
 @dataclass
@@ -105,6 +106,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     if last and int(last) < start:
         return None
     return start, min(int(last) + 1 if last else size, size)
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -304,6 +309,9 @@ class Origin:
         else:
             status, body = 206, file.data[span[0] : span[1]]
             out.append(("content-range", f"bytes {span[0]}-{span[1] - 1}/{size}"))
+        first = span[0] if span is not None and status == 206 else 0
+        if faults.corrupt_at is not None and 0 <= faults.corrupt_at - first < len(body):
+            body = _flipped(body, faults.corrupt_at - first)  # a bad CDN node: same ETag
         if not faults.no_content_length:
             out.append(("content-length", str(len(body))))
         return _Reply(status, out, body, stream=True)
