@@ -665,3 +665,44 @@ def test_no_plugin_imports_another() -> None:
                 if found[0] == "plugins" and len(found) > 1 and found[1] != name:
                     offenders.append(f"{path.relative_to(root)}:{line}: {module}")
     assert offenders == []
+
+
+def test_the_fleet_wrapper_declares_exactly_what_the_wrapped_source_declares() -> None:
+    """s3_cache wraps every resolved source; the kernel asks the wrapper what it can do with
+    isinstance, so the wrapper must answer as the wrapped source would (a repository
+    reference keeps picking its files) and claim nothing the wrapped one lacks."""
+    from kernel.httpclient import HttpSource
+    from kernel.types import FileSetSource, NamedSource, PickingSource, RangedSource
+    from kernel.types import Probe
+    from plugins.hf_source._ref import HubRef
+    from plugins.hf_source.source import HubSource
+    from plugins.s3_cache.fleet import FleetSource, fleet_source
+
+    class Plain:  # Source's members only
+        ref = "mem://m"
+
+        async def probe(self) -> Probe:
+            return Probe(size=1, validator=None, accept_ranges=False)
+
+        async def open(self, offset: int, validator: str | None) -> Any:
+            raise NotImplementedError
+
+        async def aclose(self) -> None:
+            pass
+
+    capabilities = (NamedSource, PickingSource, FileSetSource)
+    hub_ref = HubRef.parse("hf://owner/repo@main", "https://hub.example")
+    assert hub_ref is not None
+    inners: list[Any] = [
+        HttpSource("https://example.com/m.bin"),
+        HubSource(hub_ref, ref="hf://owner/repo@main", endpoint="https://hub.example"),
+        Plain(),
+    ]
+    for inner in inners:
+        wrapped = fleet_source(inner, None, "m")  # type: ignore[arg-type]
+        assert isinstance(wrapped, FleetSource)
+        assert isinstance(wrapped, RangedSource) and not wrapped.supports_segments
+        declared = [isinstance(inner, c) for c in capabilities]
+        assert [isinstance(wrapped, c) for c in capabilities] == declared, type(inner)
+    assert [isinstance(inners[1], c) for c in capabilities] == [True, True, True]
+    assert not hasattr(fleet_source(inners[2], None, "m"), "resolve_filename")  # type: ignore[arg-type]

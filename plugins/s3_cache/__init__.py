@@ -77,13 +77,13 @@ def resolve_source(ref: str, settings: Settings) -> Generator[None, Source | Non
     fleet = fleet_of(settings)
     if fleet is None:
         return source
-    from plugins.s3_cache.fleet import FleetSource
+    from plugins.s3_cache.fleet import fleet_source
 
     # The transfer task binds its model id for logging; the fleet records who wants a file.
     model_id = structlog.contextvars.get_contextvars().get("model_id")
     # ``ref`` follows the wrapped source's (a property), which the Protocol's plain attribute
     # does not express.
-    return cast(Source, FleetSource(source, fleet, model_id))
+    return cast(Source, fleet_source(source, fleet, model_id))
 
 
 @hookimpl

@@ -27,16 +27,26 @@ import hashlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from kernel.config import ConfigError, Settings
 from kernel.errors import LeaseLost, PermanentError, StoreError, TransientError, ValidatorChanged
-from kernel.types import Body, Lease, LeaseBoard, Probe, Source
+from kernel.types import (
+    Body,
+    FileSetSource,
+    Lease,
+    LeaseBoard,
+    NamedSource,
+    PickingSource,
+    Probe,
+    RemoteFile,
+    Source,
+)
 from plugins.s3_cache.client import Part, S3Client, S3Error, iterate
 
-__all__ = ["Fleet", "FleetSource", "file_key"]
+__all__ = ["Fleet", "FleetSource", "file_key", "fleet_source"]
 
 log = structlog.get_logger()
 # Parts uploading while the holder reads on: it reads at most this many parts ahead of its
@@ -243,9 +253,6 @@ class FleetSource:
     @property
     def ref(self) -> str:
         return self.inner.ref
-
-    def __getattr__(self, name: str) -> Any:  # filename, resolve_filename...: the inner's
-        return getattr(self.inner, name)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -477,3 +484,47 @@ class FleetSource:
 async def _nothing() -> AsyncIterator[bytes]:
     return
     yield b""
+
+
+# --- what the wrapped source declares, the wrapper declares too -------------------------------
+# The kernel asks a source what it can do with isinstance against kernel.types' Protocols, so a
+# wrapper must declare exactly the capabilities of the source it wraps: no more (the kernel
+# would call what the inner lacks), no fewer (a repository reference would lose its file
+# picking). Each optional capability is a mixin that hands the call to the inner source, and
+# fleet_source() builds the class with the ones the inner declares.
+
+
+class _Named(FleetSource):
+    @property
+    def filename(self) -> str | None:
+        return cast(NamedSource, self.inner).filename
+
+
+class _Picking(FleetSource):
+    async def resolve_filename(self, filename: str | None) -> str | None:
+        return await cast(PickingSource, self.inner).resolve_filename(filename)
+
+
+class _FileSet(FleetSource):
+    async def resolve_files(
+        self, filename: str | None, include: list[str] | None
+    ) -> list[RemoteFile] | None:
+        return await cast(FileSetSource, self.inner).resolve_files(filename, include)
+
+
+_CAPABILITIES: tuple[tuple[type, type[FleetSource]], ...] = (
+    (NamedSource, _Named),
+    (PickingSource, _Picking),
+    (FileSetSource, _FileSet),
+)
+_classes: dict[tuple[type[FleetSource], ...], type[FleetSource]] = {}
+
+
+def fleet_source(inner: Source, fleet: Fleet, model_id: str | None) -> FleetSource:
+    """A FleetSource around ``inner`` declaring the optional capabilities ``inner`` declares."""
+    mixins = tuple(mixin for protocol, mixin in _CAPABILITIES if isinstance(inner, protocol))
+    cls = _classes.get(mixins)
+    if cls is None:
+        cls = FleetSource if not mixins else type("FleetSource", (*mixins, FleetSource), {})
+        _classes[mixins] = cls
+    return cls(inner, fleet, model_id)
