@@ -326,7 +326,12 @@ class Transfer:
         check_segments(rec)
         rec.validator = validator
         rec.downloaded_bytes = sum(done for _, _, done in rec.segments)
-        log.info("download.segmented", connections=len(rec.segments), done=rec.downloaded_bytes)
+        split = self._split_when_slow if len(rec.segments) == 1 else None
+        connections = 1 if split is not None else self.settings.connections
+        log.info(
+            "download.segmented", connections=connections, segments=len(rec.segments),
+            done=rec.downloaded_bytes,
+        )  # fmt: skip
         fd = await asyncio.to_thread(open_nofollow, rec.part_path, os.O_WRONLY)
         writeback = Writeback(fd)
         if self._prefix is None and self.expected_sha256 is not None:
@@ -351,16 +356,14 @@ class Transfer:
             finally:
                 self._pumps.pop(id(seg), None)
 
-        split = self._split_when_slow if len(rec.segments) == 1 else None
         complete = False
         try:
             if prefix is not None:
                 landed()  # a resumed table: hash what is on disk while the rest arrives
                 prefix.start()
             await run_segments(
-                rec, source, validator, fetch=fetch, split=split,
-                connections=1 if split is not None else self.settings.connections,
-            )  # fmt: skip
+                rec, source, validator, fetch=fetch, split=split, connections=connections
+            )
             if prefix is not None:
                 prefix.ended(rec.total_bytes)  # the rest is hashed during the final flush
             await writeback.sync()
