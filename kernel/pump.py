@@ -29,13 +29,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, Required, TypedDict, TypeVar, Unpack, runtime_checkable
 
 from kernel._files import disk_error, pwrite_all, write_at
 from kernel.errors import PermanentError, TransientError
 from kernel.types import BlockingBody, Body, QueuingBody
 
-__all__ = ["BlockingBody", "ChunkPump", "Pump", "is_blocking", "run_in_thread"]
+__all__ = ["BlockingBody", "ChunkPump", "Pump", "PumpOptions", "is_blocking", "run_in_thread"]
 
 FLUSH_S = 0.25  # the longest a block is held, and the most often the loop hears of progress
 
@@ -85,7 +85,44 @@ def run_in_thread(
     return future
 
 
-class Pump:
+class PumpOptions(TypedDict, total=False):
+    """What both pumps take besides their body and throttle (see :class:`Pump`)."""
+
+    end: int | None
+    limit: int | None
+    block_size: Required[Callable[[], int]]
+    hasher: Any
+    on_block: Callable[[int, memoryview], None] | None
+    on_written: Callable[[int], None] | None
+
+
+class _Writer:
+    """Where a pump's bytes go and who hears of them: the part of both pumps that is one."""
+
+    def __init__(self, fd: int, path: str, pos: int, **options: Unpack[PumpOptions]) -> None:
+        self.fd = fd
+        self.path = path
+        self.pos = pos  # bytes on disk up to here
+        self.published = pos  # bytes the loop has been told of
+        self.end = options.get("end")
+        self.limit = options.get("limit")
+        self.block_size = options["block_size"]
+        self.hasher = options.get("hasher")
+        self.on_block = options.get("on_block")
+        self.on_written = options.get("on_written")
+
+    def _landed(self, data: memoryview) -> None:
+        """``data`` is on disk at ``pos``: hash it, hand it on, count it."""
+        if self.hasher is not None:
+            self.hasher.update(data)
+        if self.on_block is not None:
+            self.on_block(self.pos, data)
+        if self.on_written is not None:
+            self.on_written(len(data))
+        self.pos += len(data)
+
+
+class Pump(_Writer):
     """Moves ``body`` into ``fd`` from ``pos`` on, up to ``end`` (exclusive) when given.
 
     ``limit`` is the file size the origin announced: a body that goes past it is refused.
@@ -101,25 +138,12 @@ class Pump:
         path: str,
         pos: int,
         *,
-        end: int | None = None,
-        limit: int | None = None,
-        block_size: Callable[[], int],
         throttle: Callable[[int, threading.Event], None] | None = None,
-        hasher: Any = None,
-        on_block: Callable[[int, memoryview], None] | None = None,
-        on_written: Callable[[int], None] | None = None,
+        **options: Unpack[PumpOptions],
     ) -> None:
+        super().__init__(fd, path, pos, **options)
         self.body = body
-        self.fd = fd
-        self.path = path
-        self.pos = pos  # written by the thread; bytes on disk up to here
-        self.end = end
-        self.limit = limit
-        self.block_size = block_size
         self.throttle = throttle
-        self.hasher = hasher
-        self.on_block = on_block
-        self.on_written = on_written
         self.stop = threading.Event()
         self._lock = threading.Lock()  # guards end and _reserved (see cut)
         self._reserved = pos  # the end of the block being written now
@@ -129,7 +153,6 @@ class Pump:
         # Counted when the body can tell (an optional ``queued() -> int``: bytes waiting).
         self.blocks = 0
         self.drained = 0
-        self.published = pos
         self._pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_progress: Callable[[int], None] = lambda _n: None
@@ -224,16 +247,10 @@ class Pump:
             pwrite_all(self.fd, data, self.pos)
         except OSError as exc:
             raise disk_error(exc, self.path) from exc
-        if self.hasher is not None:
-            self.hasher.update(data)
-        if self.on_block is not None:
-            self.on_block(self.pos, data)
-        if self.on_written is not None:
-            self.on_written(len(data))
-        self.pos += len(data)
+        self._landed(data)
 
 
-class ChunkPump:
+class ChunkPump(_Writer):
     """Moves a chunk-yielding ``body`` into ``fd`` from ``pos`` on, up to ``end`` (exclusive)
     when given: chunks are gathered into blocks of ``block_size()`` bytes (or what arrived
     within ``FLUSH_S``), each written at its offset by a worker thread. ``throttle(n)`` is
@@ -254,26 +271,12 @@ class ChunkPump:
         path: str,
         pos: int,
         *,
-        end: int | None = None,
-        limit: int | None = None,
-        block_size: Callable[[], int],
         throttle: Callable[[int], Awaitable[None]],
-        hasher: Any = None,
-        on_block: Callable[[int, memoryview], None] | None = None,
-        on_written: Callable[[int], None] | None = None,
+        **options: Unpack[PumpOptions],
     ) -> None:
+        super().__init__(fd, path, pos, **options)
         self.body = body
-        self.fd = fd
-        self.path = path
-        self.pos = pos  # bytes on disk up to here
-        self.published = pos
-        self.end = end
-        self.limit = limit
-        self.block_size = block_size
         self.throttle = throttle
-        self.hasher = hasher
-        self.on_block = on_block
-        self.on_written = on_written
         self._buffer = bytearray()
 
     def cut(self, at: int) -> int:
@@ -302,13 +305,7 @@ class ChunkPump:
             landed(data)
 
         def landed(data: bytes) -> None:
-            if self.hasher is not None:
-                self.hasher.update(data)
-            if self.on_block is not None:
-                self.on_block(self.pos, memoryview(data))
-            if self.on_written is not None:
-                self.on_written(len(data))
-            self.pos += len(data)
+            self._landed(memoryview(data))
             self.published = self.pos
             on_progress(len(data))
 
