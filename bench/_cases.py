@@ -577,34 +577,14 @@ def _limited(ctx: Ctx, deadline: Deadline, https: bool) -> CaseResult:
     o, c, a = (s.get(k, {}) for k in ("ours", "curl", "aria2c -x8 -s8"))
     runs = f"median of {o.get('runs', 0)}"
     conns = f", connections={ctx.connections}" if ctx.connections_key else ", 1 connection"
-    res.rows += [
-        Row(
-            n,
-            f"throughput{', HTTPS' if https else ''}, limit_rate {ctx.origin.limit_rate}/conn "
-            f"({runs}{conns}), MiB/s",
-            fmt(o.get("mib_s")),
-            f"aria2c -x8 -s8 {fmt(a.get('mib_s'))}",
-            ratio(o.get("mib_s"), a.get("mib_s")),
-            ">= 0.9x aria2c -x8",
-            bool(o and a) and o["mib_s"] >= 0.9 * a["mib_s"],
-        ),
-        Row(
-            n,
-            "throughput vs curl (1 connection)",
-            fmt(o.get("mib_s")),
-            f"curl {fmt(c.get('mib_s'))}",
-            ratio(o.get("mib_s"), c.get("mib_s")),
-            ">= 3x curl",
-            bool(o and c) and o["mib_s"] >= 3 * c["mib_s"],
-        ),
-        Row(
-            n,
-            "CPU s per GiB",
-            fmt(o.get("cpu_s_per_gib"), 2),
-            f"aria2c -x8 {fmt(a.get('cpu_s_per_gib'), 2)}, curl {fmt(c.get('cpu_s_per_gib'), 2)}",
-            ratio(o.get("cpu_s_per_gib"), a.get("cpu_s_per_gib")),
-        ),
-    ]
+    res.rows += _split_rows(
+        n,
+        f"throughput{', HTTPS' if https else ''}, limit_rate {ctx.origin.limit_rate}/conn "
+        f"({runs}{conns}), MiB/s",
+        "throughput vs curl (1 connection)",
+        "CPU s per GiB",
+        o, a, c,
+    )  # fmt: skip
     return res
 
 
@@ -667,42 +647,48 @@ def case7(ctx: Ctx, deadline: Deadline) -> CaseResult:
         f"answering the hub's HEADs), downloads.connections = {ctx.connections}; then a fresh "
         "server with downloads.connections = 1 (one stream, as before hf_source fetched ranges)"
     )
-    res.rows += [
-        Row(
-            "7",
-            f"hf:// throughput, HTTPS CDN {rate} (median of {o.get('runs', 0)}, "
-            f"connections={ctx.connections}), MiB/s",
-            fmt(o.get("mib_s")),
-            f"aria2c -x8 -s8 {fmt(a.get('mib_s'))}",
-            ratio(o.get("mib_s"), a.get("mib_s")),
-            ">= 0.9x aria2c -x8",
-            bool(o and a) and o["mib_s"] >= 0.9 * a["mib_s"],
-        ),
-        Row(
-            "7",
-            "hf:// throughput vs curl on the CDN URL (1 connection)",
-            fmt(o.get("mib_s")),
-            f"curl {fmt(c.get('mib_s'))}",
-            ratio(o.get("mib_s"), c.get("mib_s")),
-            ">= 3x curl",
-            bool(o and c) and o["mib_s"] >= 3 * c["mib_s"],
-        ),
+    res.rows += _split_rows(
+        "7",
+        f"hf:// throughput, HTTPS CDN {rate} (median of {o.get('runs', 0)}, "
+        f"connections={ctx.connections}), MiB/s",
+        "hf:// throughput vs curl on the CDN URL (1 connection)",
+        "hf:// CPU s per GiB (sha256 check included)",
+        o, a, c,
+    )  # fmt: skip
+    res.rows.append(
         Row(
             "7",
             "hf:// segmented vs one connection (before)",
             fmt(o.get("mib_s")),
             f"1 connection {fmt(one.get('mib_s'))}",
             ratio(o.get("mib_s"), one.get("mib_s")),
+        )
+    )
+    return res
+
+
+def _split_rows(
+    n: str, throughput: str, vs_curl: str, cpu: str, o: dict, a: dict, c: dict
+) -> list[Row]:
+    """A per-connection-limited case's rows: ours (summary ``o``) against aria2c -x8 (``a``,
+    target 0.9x) and curl's one connection (``c``, target 3x), and the CPU per GiB of each."""
+    return [
+        Row(
+            n, throughput, fmt(o.get("mib_s")), f"aria2c -x8 -s8 {fmt(a.get('mib_s'))}",
+            ratio(o.get("mib_s"), a.get("mib_s")), ">= 0.9x aria2c -x8",
+            bool(o and a) and o["mib_s"] >= 0.9 * a["mib_s"],
         ),
         Row(
-            "7",
-            "hf:// CPU s per GiB (sha256 check included)",
-            fmt(o.get("cpu_s_per_gib"), 2),
+            n, vs_curl, fmt(o.get("mib_s")), f"curl {fmt(c.get('mib_s'))}",
+            ratio(o.get("mib_s"), c.get("mib_s")), ">= 3x curl",
+            bool(o and c) and o["mib_s"] >= 3 * c["mib_s"],
+        ),
+        Row(
+            n, cpu, fmt(o.get("cpu_s_per_gib"), 2),
             f"aria2c -x8 {fmt(a.get('cpu_s_per_gib'), 2)}, curl {fmt(c.get('cpu_s_per_gib'), 2)}",
             ratio(o.get("cpu_s_per_gib"), a.get("cpu_s_per_gib")),
         ),
-    ]
-    return res
+    ]  # fmt: skip
 
 
 # --- case 3: the API under load ----------------------------------------------------------------
