@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from kernel._http_wire import close_idle_connections
 from kernel._lock import StateLock
 from kernel.config import DownloadSettings, ModelEntry, Settings
 from kernel.downloads import DownloadManager
@@ -205,6 +206,7 @@ class Kernel:
         if self._lag_watch is not None:
             self._lag_watch.cancel()
         await self.downloads.stop()
+        close_idle_connections()
         await self.plugins.shutdown(self)
         await self.engines.close()
         await self.store.close()

@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
+from kernel._http_wire import close_idle_connections
 from tests.helpers.origin import Origin
 from tests.helpers.tls import TestCA
+
+
+@pytest.fixture(autouse=True)
+def no_kept_connections() -> Iterator[None]:
+    """Connections kept alive by one test are closed after it (none outlives its origin)."""
+    yield
+    close_idle_connections()
 
 
 @pytest.fixture(scope="session")

@@ -157,12 +157,19 @@ async def test_pause_and_resume_continue_every_segment(tmp_path: Path, origin: O
         await wait_for(client, "segpause", lambda b: b["progress"]["downloaded_bytes"] > 3 * MiB, 30)
         await client.post("/v1/downloads/segpause/pause")
         paused = (await client.get("/v1/downloads/segpause")).json()
+        kept = {r.client for r in origin.requests}  # connections from before the pause
         origin.requests.clear()
         origin.faults.throttle_bps = None
         await client.post("/v1/downloads/segpause/resume")
         done = await wait_status(client, "segpause", "completed")
     assert Path(done["local_path"]).read_bytes() == data
-    resumed = ranges(origin, "segpause.bin")
+    # A piece asked for on a kept-alive connection just as the pause came may reach the log
+    # after it was cleared; the resume asks for that piece again: count it once.
+    gets = [r for r in origin.requests_for("segpause.bin") if r.method == "GET"]
+    asked = [r.headers.get("range", "") for r in gets]
+    resumed = sorted(
+        asked[i] for i, r in enumerate(gets) if not (r.client in kept and asked.count(asked[i]) > 1)
+    )
     assert len(resumed) >= 2 and all(r.startswith("bytes=") for r in resumed)
     starts = sorted(int(r[6:].split("-")[0]) for r in resumed)
     assert starts[0] > 0  # no segment started over from its beginning

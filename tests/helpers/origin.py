@@ -38,6 +38,7 @@ class RequestLog:
     path: str
     headers: dict[str, str]  # lower-cased names
     query: str = ""  # the raw query string
+    client: tuple[str, int] | None = None  # the client's (address, port): one per connection
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Faults:
     cut_every_after: int | None = None  # cut EVERY response after this many body bytes
     expired_queries: set[str] = field(default_factory=set)  # these query strings answer 403
     corrupt_at: int | None = None  # every body covering this file offset has that byte flipped
+    new_connection_delay_s: float = 0.0  # answer a connection's first request this much later
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Origin:
         self.host = host  # the name in base_url (the server listens on 127.0.0.1)
         self.faults = Faults()
         self.requests: list[RequestLog] = []
+        self._seen_clients: set[tuple[str, int]] = set()  # for new_connection_delay_s
         self.body_bytes: dict[str, int] = {}  # file name -> body bytes sent (every GET)
         self._files: dict[str, _File] = {}
         self._redirects: dict[str, tuple[str, int]] = {}
@@ -174,7 +177,12 @@ class Origin:
         with self._lock:
             self.faults = Faults()
             self.requests.clear()
+            self._seen_clients.clear()
         self.release_stall()
+
+    def connections_for(self, name: str) -> int:
+        """How many connections the requests for ``name`` came over."""
+        return len({r.client for r in self.requests_for(name)})
 
     def wait_stalled(self, timeout: float = 5.0) -> bool:
         """Block until a response is stalled by `stall_after` (cleared by release_stall/reset)."""
@@ -251,12 +259,19 @@ class Origin:
         method, path = scope["method"], scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = scope["query_string"].decode("latin-1")
+        client = tuple(scope["client"]) if scope.get("client") else None
         with self._lock:
-            self.requests.append(RequestLog(method, path, headers, query))
+            self.requests.append(RequestLog(method, path, headers, query, client))
+            fresh = client is not None and client not in self._seen_clients
+            if client is not None:
+                self._seen_clients.add(client)
+            delay = self.faults.new_connection_delay_s if fresh else 0.0
             if query and query in self.faults.expired_queries:  # a signed URL past its expiry
                 reply = _text(403, "Request has expired\n")
             else:
                 reply = self._decide(method, path.removeprefix("/"), headers)
+        if delay:  # a new connection's handshakes on a far network (measurements)
+            await asyncio.sleep(delay)
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
         await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
         if method == "HEAD" or not reply.stream:
