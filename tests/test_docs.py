@@ -12,7 +12,7 @@ import sys
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -394,10 +394,22 @@ def test_the_tutorial_pyproject_declares_the_entry_point() -> None:
     assert entry_points == {"file_source": PACKAGE}
 
 
+def tutorial_settings(tmp_path: Path, **downloads: Any) -> Settings:
+    """Settings for a kernel running the tutorial's plugin: state and models under
+    ``tmp_path``, ``downloads`` settings as given."""
+    from kernel.config import DownloadSettings, StorageSettings
+
+    return Settings(
+        storage=StorageSettings(
+            models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")
+        ),
+        downloads=DownloadSettings(**downloads),
+    )
+
+
 async def test_the_tutorial_plugin_downloads_a_file(
     file_source: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kernel.config import StorageSettings
     from kernel.core import Kernel
     from kernel.errors import InvalidRequest
     from kernel.types import TERMINAL
@@ -406,8 +418,7 @@ async def test_the_tutorial_plugin_downloads_a_file(
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "weights.bin").write_bytes(data)
     monkeypatch.setenv("FILE_SOURCE_ROOT", str(tmp_path / "src"))
-    settings = Settings(storage=StorageSettings(
-        models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")))
+    settings = tutorial_settings(tmp_path)
     kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
     await kernel.start()
     try:
@@ -432,7 +443,6 @@ async def test_the_tutorial_source_gets_segmented_downloads_by_declaring_ranges(
     several connections allowed, a large file takes the segmented path and arrives whole."""
     from structlog.testing import capture_logs
 
-    from kernel.config import DownloadSettings, StorageSettings
     from kernel.core import Kernel
     from kernel.types import TERMINAL, NamedSource, RangedSource
 
@@ -444,12 +454,7 @@ async def test_the_tutorial_source_gets_segmented_downloads_by_declaring_ranges(
     source = file_source.FileSource(url, tmp_path / "src")
     assert isinstance(source, RangedSource)
     assert isinstance(source, NamedSource)
-    settings = Settings(
-        storage=StorageSettings(
-            models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")
-        ),
-        downloads=DownloadSettings(connections=4, segment_min_bytes=1 << 20),
-    )
+    settings = tutorial_settings(tmp_path, connections=4, segment_min_bytes=1 << 20)
     kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
     await kernel.start()
     try:
@@ -475,7 +480,6 @@ async def test_the_tutorial_source_is_split_over_several_ranges_when_it_is_slow(
     pieces land where they belong and the file arrives whole."""
     from structlog.testing import capture_logs
 
-    from kernel.config import DownloadSettings, StorageSettings
     from kernel.core import Kernel
     from tests.helpers.data import blob
 
@@ -502,12 +506,7 @@ async def test_the_tutorial_source_is_split_over_several_ranges_when_it_is_slow(
     src.parent.mkdir()
     src.write_bytes(data)
     monkeypatch.setenv("FILE_SOURCE_ROOT", str(src.parent))
-    settings = Settings(
-        storage=StorageSettings(
-            models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")
-        ),
-        downloads=DownloadSettings(connections=4, segment_min_bytes=1 << 20),
-    )
+    settings = tutorial_settings(tmp_path, connections=4, segment_min_bytes=1 << 20)
     kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
     await kernel.start()
     try:
@@ -558,7 +557,6 @@ async def test_the_tutorial_source_resumes_from_its_part_file(
     FileSource's validator), and the finished file still has the original bytes."""
     from structlog.testing import capture_logs
 
-    from kernel.config import StorageSettings
     from kernel.core import Kernel
     from tests.helpers.data import blob
 
@@ -567,8 +565,7 @@ async def test_the_tutorial_source_resumes_from_its_part_file(
     src.parent.mkdir()
     src.write_bytes(data)
     monkeypatch.setenv("FILE_SOURCE_ROOT", str(src.parent))
-    settings = Settings(storage=StorageSettings(
-        models_dir=str(tmp_path / "models"), state_dir=str(tmp_path / "state")))
+    settings = tutorial_settings(tmp_path)
     kernel = Kernel(settings, load_entrypoints=False, extra_plugins=[file_source])
     await kernel.start()
     try:
